@@ -1,0 +1,278 @@
+"""One validated configuration for a loraflow run.
+
+`SingleParams` is the whole parameter set of the `single` flow. The same model is the
+Prefect deployment's parameter schema (UI form), the schema of a YAML/JSON parameter
+file, and the validation that runs before any work starts.
+
+Training settings come from a *preset* (a YAML file in `loraflow/presets/`) with the
+user's `overrides` deep-merged over it; `resolve_training_settings` turns the pair into
+a `TrainingSettings`, naming any unknown key and suggesting the closest valid one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loraflow.errors import ConfigError
+
+Task = Literal["sequence-classification", "causal-lm"]
+TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_PRESET: dict[str, str] = {
+    "sequence-classification": "classification-small",
+    "causal-lm": "causal-lm-llama",
+}
+
+# Each gate metric and whether a bigger value is better. `accuracy: 0.85` means "at least
+# 0.85"; `perplexity: 40` means "at most 40".
+METRIC_HIGHER_IS_BETTER: dict[str, bool] = {
+    "accuracy": True,
+    "f1_macro": True,
+    "precision": True,
+    "recall": True,
+    "eval_loss": False,
+    "perplexity": False,
+}
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_safe_name(name: str, what: str = "name") -> str:
+    """Names become folder names under the output root: no separators, no `..`, no escape."""
+    if ".." in name or not _SAFE_NAME.match(name):
+        raise ValueError(
+            f"{what} {name!r} is not a safe folder name: use letters, digits, '.', '_' and '-' "
+            "(no '/', no '..', not starting with '.' or '-')"
+        )
+    return name
+
+
+def name_from_path(path: str) -> str:
+    """A dataset's default name: its file stem or folder name, made folder-safe."""
+    stem = Path(path.rstrip("/\\")).name
+    stem = stem.split(".")[0] if "." in stem and not stem.startswith(".") else stem
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip(".-_") or "dataset"
+    return cleaned[:128]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetSpec(_Strict):
+    """Where the data is and how to read it."""
+
+    path: str = Field(description="A data file, or a directory of data files (read in name order).")
+    name: str | None = Field(
+        default=None, description="Folder name for this dataset's outputs; defaults to the file or folder name."
+    )
+    format: Literal["auto", "jsonl", "csv", "txt", "parquet"] = Field(
+        default="auto", description="File format; `auto` picks it from each file's extension."
+    )
+    text_column: str = Field(default="text", description="Column holding the input text.")
+    label_column: str = Field(default="label", description="Column holding the class label (classification).")
+    prompt_column: str | None = Field(default=None, description="Instruction column (causal-LM prompt/completion data).")
+    completion_column: str | None = Field(default=None, description="Answer column (causal-LM prompt/completion data).")
+    repeats: int = Field(default=1, ge=1, le=1000, description="Times each training row is seen per epoch (oversampling).")
+    max_rows: int | None = Field(default=None, ge=1, description="Read at most this many rows (after rejects).")
+    min_chars: int = Field(default=1, ge=1, description="Rows whose text is shorter than this go to rejects.")
+    max_chars: int = Field(default=20000, ge=1, description="Rows whose text is longer than this go to rejects.")
+    validation_fraction: float = Field(default=0.1, ge=0.0, lt=0.5, description="Share of rows in the validation split.")
+    test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5, description="Share of rows in the test split.")
+    max_reject_fraction: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Fail when more than this share of rows is rejected."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_safe_name(value, "dataset.name")
+
+    @model_validator(mode="after")
+    def _pair_prompt_and_completion(self) -> "DatasetSpec":
+        if (self.prompt_column is None) != (self.completion_column is None):
+            raise ValueError("dataset.prompt_column and dataset.completion_column must be given together")
+        return self
+
+    @property
+    def resolved_name(self) -> str:
+        return self.name or name_from_path(self.path)
+
+
+class LoraSettings(_Strict):
+    r: int = Field(gt=0, description="LoRA rank.")
+    alpha: float = Field(gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(ge=0.0, lt=1.0, description="Dropout on the LoRA branch.")
+    target_modules: list[str] | Literal["all-linear", "auto"] = Field(
+        description="Module names to adapt, `all-linear`, or `auto` (peft's default for the architecture)."
+    )
+
+
+class TrainingSettings(_Strict):
+    """Everything a preset sets. Overrides may change any of these and nothing else."""
+
+    learning_rate: float = Field(gt=0)
+    num_epochs: float = Field(gt=0)
+    batch_size: int = Field(ge=1, description="Per-device batch size.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1)
+    max_length: int = Field(ge=8, description="Tokens per example after truncation.")
+    save_steps: int = Field(ge=1, description="Checkpoint every this many optimiser steps.")
+    eval_batch_size: int = Field(default=64, ge=1)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    logging_steps: int = Field(default=10, ge=1)
+    save_total_limit: int = Field(default=2, ge=1)
+    max_new_tokens: int = Field(default=32, ge=1, description="Tokens generated per sample prompt (causal-LM).")
+    lora: LoraSettings
+
+
+class SingleParams(_Strict):
+    """Parameters of the `single` flow: one dataset to one registered adapter."""
+
+    dataset: DatasetSpec
+    task: Task = Field(default="sequence-classification")
+    model: str = Field(
+        default="minilm",
+        description="Hub model id, a local `save_pretrained` directory, or `minilm` (the bundled offline MiniLM).",
+    )
+    preset: str | None = Field(default=None, description="Preset name; defaults by task.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Preset keys to change, nested or dotted (`lora.r: 16`)."
+    )
+    gates: dict[str, float] = Field(
+        default_factory=dict, description="Metric -> threshold, e.g. `accuracy: 0.85`, `perplexity: 40`."
+    )
+    output_dir: str = Field(default="runs", description="Root folder for everything the run produces.")
+    registry_dir: str | None = Field(default=None, description="Adapter registry root; defaults to <output_dir>/registry.")
+    seed: int = Field(default=42)
+    shard_size: int = Field(default=2000, ge=1, description="Rows per tokenisation task.")
+    dask_address: str | None = Field(
+        default=None, description="Address of an existing Dask scheduler for tokenisation; a local cluster if unset."
+    )
+    gpu_concurrency_limit: str = Field(
+        default="gpu", description="Global concurrency limit a training run holds a slot of."
+    )
+
+    @field_validator("gates")
+    @classmethod
+    def _known_gate_metrics(cls, gates: dict[str, float]) -> dict[str, float]:
+        for metric in gates:
+            if metric not in METRIC_HIGHER_IS_BETTER:
+                raise ValueError(f"unknown gate metric {metric!r}{_suggest(metric, METRIC_HIGHER_IS_BETTER)}")
+        return gates
+
+    @property
+    def preset_name(self) -> str:
+        return self.preset or DEFAULT_PRESET[self.task]
+
+    @property
+    def registry_root(self) -> str:
+        return self.registry_dir or str(Path(self.output_dir) / "registry")
+
+
+def _suggest(word: str, choices: Any) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else f" (valid: {', '.join(sorted(choices))})"
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    """One line per problem: `source: field.path: message`."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {location}: {message}")
+    return "; ".join(lines)
+
+
+def available_presets() -> list[str]:
+    return sorted(path.stem for path in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """A preset is a YAML mapping of `TrainingSettings` fields plus `task` and `description`."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"preset: unknown preset {name!r}{_suggest(name, available_presets())}")
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def expand_dotted(overrides: dict[str, Any]) -> dict[str, Any]:
+    """`{"lora.r": 4}` -> `{"lora": {"r": 4}}`, merging with nested keys given alongside."""
+    expanded: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = str(key).partition(".")
+        value = expand_dotted(value) if isinstance(value, dict) else value
+        if rest:
+            value = expand_dotted({rest: value})
+        if isinstance(value, dict) and isinstance(expanded.get(head), dict):
+            expanded[head] = deep_merge(expanded[head], value)
+        else:
+            expanded[head] = value
+    return expanded
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _check_known_keys(values: dict[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        field = model.model_fields.get(key)
+        if field is None:
+            valid = [f"{prefix}{name}" for name in model.model_fields]
+            raise ConfigError(f"overrides: unknown key {dotted!r}{_suggest(dotted, valid)}")
+        nested = field.annotation
+        if isinstance(value, dict) and isinstance(nested, type) and issubclass(nested, BaseModel):
+            _check_known_keys(value, nested, f"{dotted}.")
+
+
+def resolve_training_settings(preset: str, overrides: dict[str, Any], task: str) -> TrainingSettings:
+    """Preset + overrides -> validated settings, or a `ConfigError` naming the bad key."""
+    preset_values = load_preset(preset)
+    preset_task = preset_values.pop("task", task)
+    preset_values.pop("description", None)
+    if preset_task != task:
+        raise ConfigError(f"preset: {preset!r} is for task {preset_task!r}, but task is {task!r}")
+    expanded = expand_dotted(overrides)
+    _check_known_keys(expanded, TrainingSettings)
+    try:
+        return TrainingSettings.model_validate(deep_merge(preset_values, expanded))
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, f"preset {preset!r} + overrides")) from None
+
+
+def load_params_file(path: str | Path, model: type[BaseModel] = SingleParams) -> BaseModel:
+    """Read a YAML or JSON parameter file into `model`, one clear line on any error."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: parameter file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8-sig"))  # JSON is YAML
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML/JSON: {getattr(error, 'problem', error)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of parameters at the top level")
+    if set(raw) == {"params"} and isinstance(raw["params"], dict):  # the flow-argument form
+        raw = raw["params"]
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, str(path))) from None
