@@ -1,0 +1,82 @@
+"""The file registry: idempotent versions, aliases with rollback, safe under concurrency."""
+
+import json
+import multiprocessing
+
+import pytest
+
+from loraflow.errors import ConfigError
+from loraflow.registry import Registry
+
+
+def _adapter(path, content="weights"):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text("{}")
+    (path / "adapter_model.safetensors").write_text(content)
+    return path
+
+
+def test_register_is_idempotent_per_key(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    first, created = registry.register("topics", adapter, "key-1", {"task": "x"}, {"accuracy": 0.9}, True)
+    again, created_again = registry.register("topics", adapter, "key-1", {"task": "x"}, {"accuracy": 0.9}, True)
+    second, _ = registry.register("topics", adapter, "key-2", {}, {}, False)
+    assert (created, created_again) == (True, False)
+    assert (first.version, again.version, second.version) == (1, 1, 2)
+    card = json.loads((tmp_path / "reg" / "topics" / "v1" / "card.json").read_text())
+    assert card["key"] == "key-1" and (tmp_path / "reg" / "topics" / "v1" / "adapter_model.safetensors").exists()
+
+
+def test_versions_are_frozen_copies(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a", "old")
+    version, _ = registry.register("n", adapter, "k", {}, {}, True)
+    (adapter / "adapter_model.safetensors").write_text("new")
+    assert (tmp_path / "reg" / "n" / "v1" / "adapter_model.safetensors").read_text() == "old"
+    assert version.path.endswith("v1")
+
+
+def test_promote_and_rollback(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    for key in ("k1", "k2"):
+        version, _ = registry.register("n", adapter, key, {}, {}, True)
+        registry.promote("n", version.version, "production")
+    assert registry.resolve("n", "production").version == 2
+    assert registry.rollback("n", "production") == 1
+    assert registry.resolve("n", "production").version == 1
+    with pytest.raises(ConfigError, match="no earlier version"):
+        registry.rollback("n", "production")
+    with pytest.raises(ConfigError, match="no version 9"):
+        registry.promote("n", 9, "production")
+
+
+def test_refuses_unsafe_names_and_empty_adapters(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    with pytest.raises(ValueError, match="not a safe folder name"):
+        registry.register("../x", _adapter(tmp_path / "a"), "k", {}, {}, True)
+    with pytest.raises(ConfigError, match="holds no adapter"):
+        registry.register("n", tmp_path, "k", {}, {}, True)
+
+
+def _register_many(root, adapter, worker):
+    registry = Registry(root)
+    for i in range(5):
+        version, _ = registry.register("shared", adapter, f"{worker}-{i}", {}, {}, True)
+        registry.promote("shared", version.version, "production")
+
+
+def test_concurrent_writers_lose_no_update(tmp_path):
+    adapter = _adapter(tmp_path / "a")
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_register_many, args=(tmp_path / "reg", adapter, w)) for w in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    index = Registry(tmp_path / "reg").index("shared")
+    assert sorted(v.version for v in index.versions) == list(range(1, 21))
+    assert len({v.key for v in index.versions}) == 20
+    assert index.aliases["production"] in range(1, 21)
