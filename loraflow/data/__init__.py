@@ -1,0 +1,1 @@
+"""Dataset reading, validation, normalisation, splitting (prepare) and sharded tokenisation (tokenize)."""

@@ -1,0 +1,224 @@
+"""Tokenise prepared splits into Parquet shards, one independent unit of work per shard.
+
+Shards are planned from the prepared JSONL files (row ranges plus a content hash) so a
+scheduler can map over them: each shard is tokenised in one batched call of a fast
+tokenizer, written atomically under a name derived from its content and the tokenising
+settings, and skipped when that file already exists. A rerun, a retry or another
+worker therefore never redoes finished shards and never trusts a half-written one.
+
+Parquet schema (unpadded; padding is the collator's job):
+- `input_ids`: list<int32>, truncated to `max_length`
+- `attention_mask`: list<int8>
+- `labels`: int64 class id (classification), or list<int32> the length of `input_ids`
+  (causal-LM) with -100 on prompt tokens; plain text has labels == input_ids.
+Causal-LM rows end with the tokenizer's eos token (when it has one) so the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from functools import lru_cache
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
+from loraflow.errors import DataError
+from loraflow.fingerprint import hash_json
+from loraflow.layout import atomic_write_bytes
+
+IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss default)
+
+
+class Shard(BaseModel):
+    """Rows [start, stop) of one split's JSONL file, identified by the hash of their bytes.
+
+    `offset` is the byte offset of row `start`, so a worker seeks instead of re-reading
+    the file from the top; None (hand-built shards) means "count lines from the start".
+    """
+
+    split: str
+    source: str
+    start: int
+    stop: int
+    fingerprint: str
+    offset: int | None = None
+
+
+def plan_shards(prepared: PreparedDataset, shard_size: int) -> list[Shard]:
+    """Cover every row of every split (train, validation, test) with no overlap.
+
+    An empty split still gets one empty shard, so every split has a (possibly empty) Parquet file.
+    """
+    if shard_size < 1:
+        raise ValueError("shard_size must be at least 1")
+    shards: list[Shard] = []
+    for split in SPLITS:
+        source = prepared.splits[split]
+        before = len(shards)
+        with open(source, "rb") as handle:
+            offset = 0
+            start = 0
+            while chunk := list(islice(handle, shard_size)):
+                shards.append(_shard(split, source, start, chunk, offset))
+                start += len(chunk)
+                offset += sum(len(line) for line in chunk)
+        if len(shards) == before:
+            shards.append(_shard(split, source, 0, [], 0))
+    return shards
+
+
+def _shard(split: str, source: str, start: int, lines: list[bytes], offset: int) -> Shard:
+    fingerprint = hashlib.sha256(b"".join(lines)).hexdigest()
+    stop = start + len(lines)
+    return Shard(split=split, source=source, start=start, stop=stop, fingerprint=fingerprint, offset=offset)
+
+
+def shard_file_name(shard: Shard, tokenizer_path: str, task: str, max_length: int) -> str:
+    """`<split>-<start>-<content hash>-<settings hash>.parquet`: equal name means equal content."""
+    settings = hash_json({"tokenizer": str(tokenizer_path), "task": task, "max_length": max_length})
+    return f"{shard.split}-{shard.start:010d}-{shard.fingerprint[:16]}-{settings[:8]}.parquet"
+
+
+def tokenize_shard(shard: Shard, tokenizer_path: str, task: str, max_length: int, out_dir: str | Path) -> str:
+    """Tokenise one shard into `out_dir` and return the Parquet path (existing file reused)."""
+    encode = _ENCODERS.get(task)
+    if encode is None:
+        raise DataError(f"task: unknown task {task!r} (valid: {', '.join(_ENCODERS)})")
+    path = Path(out_dir) / shard_file_name(shard, tokenizer_path, task, max_length)
+    if path.is_file():
+        return str(path)
+    rows = _read_rows(shard)
+    if rows:
+        columns = encode(rows, load_tokenizer(str(tokenizer_path)), max_length, shard)
+    else:  # an empty split: a valid, empty file with the task's schema
+        columns = {"input_ids": [], "attention_mask": [], "labels": []}
+    atomic_write_bytes(path, _parquet_bytes(columns, task, shard))
+    return str(path)
+
+
+def shard_paths_by_split(paths: list[str]) -> dict[str, list[str]]:
+    """Group shard files back into splits (train, validation, test order), rows in order within each."""
+    grouped: dict[str, list[tuple[int, str]]] = {}
+    for path in paths:
+        split, start, *_ = Path(path).name.split("-")
+        grouped.setdefault(split, []).append((int(start), path))
+    order = {split: i for i, split in enumerate(SPLITS)}
+    return {split: [p for _, p in sorted(grouped[split])] for split in sorted(grouped, key=lambda s: order.get(s, 99))}
+
+
+def load_tokenizer(tokenizer_path: str) -> Any:
+    """One tokenizer per (path, thread): many shards share it, and a fast tokenizer must not be
+    called from two threads at once (its truncation settings are mutable state)."""
+    return _cached_tokenizer(tokenizer_path, threading.get_ident())
+
+
+_LOAD_LOCK = threading.Lock()  # transformers' lazy imports are not thread-safe on first use
+
+
+@lru_cache(maxsize=32)
+def _cached_tokenizer(tokenizer_path: str, thread_id: int) -> Any:
+    try:
+        with _LOAD_LOCK:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    except (OSError, ValueError) as error:
+        raise DataError(f"tokenizer: cannot load {tokenizer_path!r}: {str(error).splitlines()[0]}") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError(
+            f"tokenizer: {tokenizer_path!r} has no fast (Rust) tokenizer; loraflow needs one for offsets and speed"
+        )
+    return tokenizer
+
+
+def _read_rows(shard: Shard) -> list[dict[str, Any]]:
+    """The shard's rows, after checking they are still the bytes that were planned."""
+    with open(shard.source, "rb") as handle:
+        if shard.offset is not None:
+            handle.seek(shard.offset)
+            lines = list(islice(handle, shard.stop - shard.start))
+        else:
+            lines = list(islice(handle, shard.start, shard.stop))
+    if hashlib.sha256(b"".join(lines)).hexdigest() != shard.fingerprint:
+        raise DataError(
+            f"{shard.source}: rows {shard.start}-{shard.stop} changed since the shards were planned; "
+            "prepare the dataset and plan the shards again"
+        )
+    return [json.loads(line) for line in lines]
+
+
+def _field(rows: list[dict[str, Any]], key: str, shard: Shard) -> list[Any]:
+    try:
+        return [row[key] for row in rows]
+    except KeyError:
+        raise DataError(
+            f"{shard.source}: rows have no {key!r} field; this file was not prepared for this task"
+        ) from None
+
+
+def _classification(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> dict[str, list]:
+    labels = _field(rows, "label_id", shard)
+    encoded = tokenizer(_field(rows, "text", shard), truncation=True, max_length=max_length)
+    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+
+
+def _causal(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> dict[str, list]:
+    """Mask the prompt by character offsets: exact even where prompt and completion share a token."""
+    eos = tokenizer.eos_token_id
+    room = max_length - 1 if eos is not None else max_length  # keep one place for eos
+    prompt_completion = bool(rows) and "prompt" in rows[0]
+    if prompt_completion:
+        prompts = [causal_prompt_text(p) for p in _field(rows, "prompt", shard)]
+        texts = [p + c for p, c in zip(prompts, _field(rows, "completion", shard))]
+        prompt_ends = [len(p) for p in prompts]
+    else:
+        texts = _field(rows, "text", shard)
+        prompt_ends = [0] * len(texts)
+    encoded = tokenizer(texts, truncation=True, max_length=room, return_offsets_mapping=prompt_completion)
+    input_ids, labels = [], []
+    for index, ids in enumerate(encoded["input_ids"]):
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]
+        if prompt_completion:
+            masked = _prompt_mask(encoded["offset_mapping"][index], prompt_ends[index])
+            row_labels = [IGNORE_INDEX if hidden else token for token, hidden in zip(ids, masked)]
+            row_labels += ids[len(masked):]  # the appended eos is a completion token
+        else:
+            row_labels = list(ids)
+        input_ids.append(ids)
+        labels.append(row_labels)
+    return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+
+
+_ENCODERS = {"sequence-classification": _classification, "causal-lm": _causal}
+
+
+def _prompt_mask(spans: list[tuple[int, int]], prompt_end: int) -> list[bool]:
+    """True for prompt tokens: real tokens starting before `prompt_end`, and the special
+    tokens (empty spans, e.g. BOS) that come before the first completion token."""
+    mask, in_completion = [], False
+    for start, stop in spans:
+        if stop > start:
+            in_completion = start >= prompt_end
+        mask.append(not in_completion)
+    return mask
+
+
+def _parquet_bytes(columns: dict[str, list], task: str, shard: Shard) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    label_type = pa.int64() if task == "sequence-classification" else pa.list_(pa.int32())
+    schema = pa.schema(
+        [("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("labels", label_type)],
+        metadata={"loraflow.task": task, "loraflow.split": shard.split, "loraflow.rows_sha256": shard.fingerprint},
+    )
+    table = pa.Table.from_pydict(columns, schema=schema)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()

@@ -1,0 +1,198 @@
+"""Tokenisation shards: planning covers every row once; parquet schema, truncation, masking, eos."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from loraflow.config import DatasetSpec
+from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text, prepare_dataset
+from loraflow.data.tokenize import (
+    IGNORE_INDEX,
+    Shard,
+    load_tokenizer,
+    plan_shards,
+    shard_paths_by_split,
+    tokenize_shard,
+)
+from loraflow.errors import DataError
+from loraflow.layout import read_jsonl
+from loraflow.models import bundled_minilm_dir
+
+CLS = "sequence-classification"
+BOS, EOS = 1, 2
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def classification(tmp_path_factory) -> PreparedDataset:
+    root = tmp_path_factory.mktemp("cls")
+    colours = ["red", "green", "blue"]
+    rows = [{"text": f"sentence {i} " + "with quite a lot of extra words " * (i % 4), "label": colours[i % 3]}
+            for i in range(90)]
+    return prepare_dataset(DatasetSpec(path=str(write_jsonl(root / "d.jsonl", rows))), CLS, root / "data")
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory) -> str:
+    """A word-level fast tokenizer with BOS and EOS, built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = "what is the capital of france paris question answer it one two three four plus".split()
+    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, "<pad>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    path = tmp_path_factory.mktemp("tok") / "word-tokenizer"
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def test_plan_shards_covers_every_row_once(classification):
+    shards = plan_shards(classification, shard_size=7)
+    assert [s.split for s in shards] == sorted((s.split for s in shards), key=SPLITS.index)
+    for split in SPLITS:
+        ranges = [(s.start, s.stop) for s in shards if s.split == split]
+        lines = len(read_jsonl(classification.splits[split]))
+        covered = [i for start, stop in ranges for i in range(start, stop)]
+        assert covered == list(range(lines))
+        assert all(0 < stop - start <= 7 for start, stop in ranges)
+    assert len({s.fingerprint for s in shards}) == len(shards)
+
+
+def test_empty_split_gets_one_empty_shard(tmp_path, classification):
+    empty = tmp_path / "validation.jsonl"
+    empty.write_text("")
+    prepared = classification.model_copy(update={"splits": {**classification.splits, "validation": str(empty)}})
+    (shard,) = [s for s in plan_shards(prepared, 1000) if s.split == "validation"]
+    assert (shard.start, shard.stop) == (0, 0)
+    path = tokenize_shard(shard, str(bundled_minilm_dir()), CLS, 16, tmp_path / "tok")
+    assert pq.read_table(path).num_rows == 0
+
+
+def test_classification_shard_with_minilm(tmp_path, classification):
+    tokenizer = str(bundled_minilm_dir())
+    shard = plan_shards(classification, 1000)[0]
+    path = tokenize_shard(shard, tokenizer, CLS, 12, tmp_path)
+    table = pq.read_table(path)
+    assert table.schema.field("input_ids").type == pa.list_(pa.int32())
+    assert table.schema.field("labels").type == pa.int64()
+    rows = table.to_pylist()
+    source = read_jsonl(shard.source)
+    assert len(rows) == len(source) == shard.stop
+    assert all(len(r["input_ids"]) == len(r["attention_mask"]) <= 12 for r in rows)
+    assert max(len(r["input_ids"]) for r in rows) == 12  # long rows were truncated
+    assert [r["labels"] for r in rows] == [s["label_id"] for s in source]
+    assert list(Path(tmp_path).glob(".*.tmp")) == []
+
+
+def test_tokenize_shard_is_deterministic_and_reuses_its_file(tmp_path, classification):
+    tokenizer = str(bundled_minilm_dir())
+    shard = plan_shards(classification, 1000)[-1]
+    first = tokenize_shard(shard, tokenizer, CLS, 16, tmp_path)
+    mtime = Path(first).stat().st_mtime_ns
+    assert tokenize_shard(shard, tokenizer, CLS, 16, tmp_path) == first
+    assert Path(first).stat().st_mtime_ns == mtime
+    assert tokenize_shard(shard, tokenizer, CLS, 32, tmp_path) != first  # settings are part of the name
+    hand_built = Shard(**shard.model_dump(exclude={"offset"}))  # no offset: rows are found by counting lines
+    assert hand_built.offset is None
+    assert tokenize_shard(hand_built, tokenizer, CLS, 16, tmp_path / "again").endswith(Path(first).name)
+
+
+def test_changed_source_is_refused(tmp_path, classification):
+    copy = tmp_path / "train.jsonl"
+    copy.write_bytes(Path(classification.splits["train"]).read_bytes())
+    prepared = classification.model_copy(update={"splits": {**classification.splits, "train": str(copy)}})
+    shard = plan_shards(prepared, 1000)[0]
+    copy.write_text(copy.read_text().replace("sentence", "changed"))
+    with pytest.raises(DataError, match="changed since the shards were planned"):
+        tokenize_shard(shard, str(bundled_minilm_dir()), CLS, 16, tmp_path / "tok")
+
+
+def test_shard_paths_by_split_restores_order(tmp_path, classification):
+    shards = plan_shards(classification, 10)
+    paths = [tokenize_shard(s, str(bundled_minilm_dir()), CLS, 16, tmp_path) for s in shards]
+    shuffled = paths[:]
+    random.Random(0).shuffle(shuffled)
+    grouped = shard_paths_by_split(shuffled)
+    assert list(grouped) == list(SPLITS)
+    assert [p for split in SPLITS for p in grouped[split]] == paths
+
+
+def test_each_thread_gets_its_own_tokenizer(tmp_path, classification):
+    """Dask thread workers share a process; a fast tokenizer must not be shared between threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokenizer = str(bundled_minilm_dir())
+    shards = plan_shards(classification, 10)
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda s: tokenize_shard(s, tokenizer, CLS, 16, tmp_path), shards))
+        (other,) = set(pool.map(lambda _: id(load_tokenizer(tokenizer)), range(1)))
+    assert len(set(paths)) == len(shards)
+    assert load_tokenizer(tokenizer) is load_tokenizer(tokenizer) and id(load_tokenizer(tokenizer)) != other
+
+
+def causal_dataset(tmp_path: Path, rows: list[dict], **spec) -> PreparedDataset:
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    return prepare_dataset(DatasetSpec(path=str(path), test_fraction=0.3, **spec), "causal-lm", tmp_path / "data")
+
+
+def test_causal_prompt_tokens_are_masked_and_eos_appended(tmp_path, word_tokenizer):
+    numbers = "one two three four".split()
+    rows = [
+        {"q": f"question {a} plus {b}", "a": f"answer {a} {b} {c}"}
+        for a in numbers for b in numbers for c in numbers
+    ]
+    prepared = causal_dataset(tmp_path, rows, prompt_column="q", completion_column="a")
+    shard = plan_shards(prepared, 1000)[0]
+    table = pq.read_table(tokenize_shard(shard, word_tokenizer, "causal-lm", 64, tmp_path / "tok"))
+    assert table.schema.field("labels").type == pa.list_(pa.int32())
+    source = read_jsonl(shard.source)
+    tokenizer = load_tokenizer(word_tokenizer)
+    for row, original in zip(table.to_pylist(), source):
+        prompt_ids = tokenizer(causal_prompt_text(original["prompt"]))["input_ids"]
+        full_ids = tokenizer(causal_prompt_text(original["prompt"]) + original["completion"])["input_ids"]
+        assert row["input_ids"] == full_ids + [EOS]
+        assert row["labels"][: len(prompt_ids)] == [IGNORE_INDEX] * len(prompt_ids)
+        assert row["labels"][len(prompt_ids):] == row["input_ids"][len(prompt_ids):]
+        assert row["labels"][-1] == EOS and len(row["labels"]) == len(row["input_ids"])
+
+
+def test_causal_plain_text_labels_equal_ids_and_truncation_keeps_eos(tmp_path, word_tokenizer):
+    words = "what is the capital of france paris one two three four".split()
+    rows = [{"text": " ".join(words[i:] + words[:i] + words[: i % 5])} for i in range(len(words))]
+    rows += [{"text": " ".join(reversed(r["text"].split()))} for r in rows]
+    prepared = causal_dataset(tmp_path, rows)
+    paths = [tokenize_shard(s, word_tokenizer, "causal-lm", 8, tmp_path / "tok") for s in plan_shards(prepared, 1000)]
+    table = pa.concat_tables(pq.read_table(p) for p in paths)
+    assert table.num_rows == len(rows)
+    for row in table.to_pylist():
+        assert row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 8
+        assert row["input_ids"][0] == BOS and row["input_ids"][-1] == EOS
+        assert row["attention_mask"] == [1] * len(row["input_ids"])
+
+
+def test_causal_with_a_tokenizer_without_eos(tmp_path):
+    rows = [{"prompt": f"translate item {i}", "completion": f"the item is {i}"} for i in range(30)]
+    prepared = causal_dataset(tmp_path, rows, prompt_column="prompt", completion_column="completion")
+    shard = plan_shards(prepared, 1000)[0]
+    path = tokenize_shard(shard, str(bundled_minilm_dir()), "causal-lm", 32, tmp_path / "t")
+    # MiniLM has no eos: nothing is appended; [CLS] + prompt are masked, the completion (+ [SEP]) is kept
+    for row in pq.read_table(path).to_pylist():
+        labels = row["labels"]
+        first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        assert labels[:first] == [IGNORE_INDEX] * first and labels[first:] == row["input_ids"][first:]
+        assert first == 4  # [CLS] translate item <n>
