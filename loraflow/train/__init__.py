@@ -1,0 +1,1 @@
+"""Training: LoRA adapters with the transformers Trainer and peft, checkpointed and resumable."""

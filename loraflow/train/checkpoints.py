@@ -1,0 +1,88 @@
+"""Which Trainer checkpoint a restarted run may resume from, and which ones it must not trust.
+
+A crash can leave the newest checkpoint half written, and a checkpoint folder may hold
+checkpoints of a different configuration. Both are detected here, before the Trainer
+reads them, so resuming never starts from a state that is not what this run would have made.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from loraflow.layout import atomic_write_text
+
+FINGERPRINT_FILE = "loraflow_config_fingerprint.txt"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_TRAINING_STATE = ("optimizer.pt", "scheduler.pt")
+
+
+def checkpoint_steps(checkpoint_dir: str | Path) -> list[tuple[int, Path]]:
+    """`(step, path)` of every `checkpoint-N` folder, highest step first."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The Trainer's own record of a checkpoint: global_step, max_steps, log history."""
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from, or None when it is complete."""
+    try:
+        state = read_trainer_state(path)
+    except FileNotFoundError:
+        return "trainer_state.json is missing"
+    except (OSError, ValueError) as error:
+        return f"trainer_state.json is unreadable ({error})"
+    if not isinstance(state, dict) or "global_step" not in state:
+        return "trainer_state.json has no global_step"
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return "adapter weights are missing"
+    try:
+        with safe_open(weights, "pt"):  # reads the header, and checks the file is as long as it says
+            pass
+    except (OSError, SafetensorError) as error:
+        return f"adapter weights are unreadable ({error})"
+    missing = [name for name in _TRAINING_STATE if not (path / name).is_file()]
+    return f"{' and '.join(missing)} missing" if missing else None
+
+
+def find_resumable_checkpoint(checkpoint_dir: str | Path, log: Callable[[str], None] = print) -> str | None:
+    """The highest-step complete checkpoint; incomplete ones are skipped with a warning saying why."""
+    for _, path in checkpoint_steps(checkpoint_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        log(f"warning: skipping {path.name}: {problem}")
+    return None
+
+
+def discard_checkpoints_after(checkpoint_dir: str | Path, step: int, log: Callable[[str], None] = print) -> None:
+    """Delete checkpoints past the resume point: they are broken, and the resumed run rewrites those steps."""
+    for later_step, path in checkpoint_steps(checkpoint_dir):
+        if later_step > step:
+            log(f"removing {path.name}: training resumes from step {step}")
+            shutil.rmtree(path)
+
+
+def claim_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: str, log: Callable[[str], None] = print) -> None:
+    """Make `checkpoint_dir` hold only checkpoints of this configuration, wiping it when another one wrote it."""
+    root = Path(checkpoint_dir)
+    marker = root / FINGERPRINT_FILE
+    recorded = marker.read_text(encoding="utf-8").strip() if marker.is_file() else None
+    if recorded != fingerprint and any(root.iterdir() if root.is_dir() else ()):
+        log(f"warning: ignoring the checkpoints in {root}: a different configuration wrote them")
+        shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(marker, fingerprint + "\n")

@@ -1,0 +1,297 @@
+"""Train one LoRA adapter with the transformers Trainer and peft: checkpoints, resume, progress.
+
+The flow layer calls `train_adapter` once per training run. Everything it needs is in a
+`TrainRequest` (paths and settings, no tensors), and everything it produces is on disk:
+checkpoints that a restarted run resumes from, `metrics.jsonl`, and the final adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, TaskType, get_peft_model
+from pydantic import BaseModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from loraflow.config import TrainingSettings
+from loraflow.errors import ConfigError, DataError
+from loraflow.fingerprint import hash_file, hash_json
+from loraflow.layout import atomic_write_json
+from loraflow.models import model_identity
+from loraflow.train.checkpoints import (
+    claim_checkpoint_dir,
+    discard_checkpoints_after,
+    find_resumable_checkpoint,
+    read_trainer_state,
+)
+from loraflow.train.data import TokenizedDataset, collator_for
+from loraflow.train.device import DevicePlan, pick_device
+
+CLASSIFICATION = "sequence-classification"
+# Settings that change what is logged or kept, not the weights: a change must not discard checkpoints.
+_RESUME_NEUTRAL_SETTINGS = {"save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "max_new_tokens"}
+
+
+class TrainRequest(BaseModel):
+    model_path: str
+    task: str
+    settings: TrainingSettings
+    labels: list[str] | None
+    train_shards: list[str]
+    eval_shards: list[str]
+    checkpoint_dir: str
+    adapter_dir: str
+    logs_dir: str
+    seed: int = 42
+
+
+class ProgressUpdate(BaseModel):
+    step: int
+    max_steps: int
+    epoch: float
+    loss: float | None
+    learning_rate: float | None
+    eta_seconds: float | None
+
+
+class TrainResult(BaseModel):
+    adapter_dir: str
+    global_step: int
+    epochs: float
+    train_loss: float | None
+    resumed_from_step: int | None
+    samples_per_second: float | None
+    tokens_per_second: float | None
+    train_runtime_s: float
+    device: str
+    precision: str
+
+
+def load_tokenizer(model_path: str):
+    """The model's tokenizer; decoder-only models often ship without a pad token, so eos stands in."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def label_map(labels: list[str]) -> dict[str, dict]:
+    """`{"id2label": {0: name}, "label2id": {name: 0}}`: the model config's and label_map.json's shape."""
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: index for index, label in enumerate(labels)}}
+
+
+def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=None):
+    """The base model for `task`; classification gets a fresh head sized and named by `labels`."""
+    dtype = dtype or torch.float32  # transformers 5 defaults to the checkpoint's dtype; be explicit
+    if task != CLASSIFICATION:
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if not labels:
+        raise ConfigError("labels: sequence classification needs the list of label names")
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_path, dtype=dtype, num_labels=len(labels), **label_map(labels)
+    )
+    if model.config.pad_token_id is None:  # decoder classifiers find each row's last token by the pad id
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def model_dtype(plan: DevicePlan) -> torch.dtype:
+    """Weights in bf16 where the device trains in bf16 (half the memory); fp32 elsewhere, for AMP or CPU."""
+    return torch.bfloat16 if plan.bf16 else torch.float32
+
+
+def config_fingerprint(request: TrainRequest) -> str:
+    """What determines the trained weights: the request minus its paths, plus model and data identity."""
+    settings = request.settings.model_dump(exclude=_RESUME_NEUTRAL_SETTINGS)
+    return hash_json(
+        {
+            "model": model_identity(request.model_path),
+            "task": request.task,
+            "labels": request.labels,
+            "seed": request.seed,
+            "settings": settings,
+            "train_data": [hash_file(path) for path in request.train_shards],
+        }
+    )
+
+
+def train_adapter(
+    request: TrainRequest,
+    on_progress: Callable[[ProgressUpdate], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> TrainResult:
+    """Train (or resume training) a LoRA adapter and save it to `request.adapter_dir`."""
+    plan = pick_device()
+    train_data = TokenizedDataset(request.train_shards)
+    if len(train_data) == 0:
+        raise DataError(f"train split is empty ({len(request.train_shards)} shards)")
+    eval_data = TokenizedDataset(request.eval_shards) if request.eval_shards else None
+
+    claim_checkpoint_dir(request.checkpoint_dir, config_fingerprint(request), log)
+    resume_from = find_resumable_checkpoint(request.checkpoint_dir, log)
+    resumed_from_step = None
+    if resume_from:
+        state = read_trainer_state(Path(resume_from))
+        resumed_from_step = int(state["global_step"])
+        discard_checkpoints_after(request.checkpoint_dir, resumed_from_step, log)
+        log(f"resuming from {Path(resume_from).name} (step {resumed_from_step} of {state.get('max_steps', '?')})")
+
+    set_seed(request.seed)  # before loading: the classifier head and LoRA weights are initialised here
+    tokenizer = load_tokenizer(request.model_path)
+    model = _peft_model(request, plan)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(request, plan, with_eval=eval_data is not None),
+        data_collator=collator_for(request.task, tokenizer),
+        train_dataset=train_data,
+        eval_dataset=eval_data,
+        processing_class=tokenizer,
+        callbacks=[_ProgressReporter(Path(request.logs_dir) / "metrics.jsonl", on_progress, log)],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _ProgressReporter says it in one line
+    output = trainer.train(resume_from_checkpoint=resume_from)
+
+    _save_adapter(trainer.model, tokenizer, request)
+    steps_this_run = output.global_step - (resumed_from_step or 0)
+    samples_per_second = output.metrics.get("train_samples_per_second")
+    tokens_per_sample = train_data.num_tokens() / len(train_data)
+    return TrainResult(
+        adapter_dir=str(Path(request.adapter_dir)),
+        global_step=output.global_step,
+        epochs=float(trainer.state.epoch or 0.0),
+        train_loss=output.training_loss if steps_this_run > 0 else None,
+        resumed_from_step=resumed_from_step,
+        samples_per_second=samples_per_second,
+        tokens_per_second=samples_per_second * tokens_per_sample if samples_per_second else None,
+        train_runtime_s=float(output.metrics.get("train_runtime", 0.0)),
+        device=plan.device,
+        precision="bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
+    )
+
+
+def _peft_model(request: TrainRequest, plan: DevicePlan):
+    lora = request.settings.lora
+    classification = request.task == CLASSIFICATION
+    config = LoraConfig(
+        # SEQ_CLS makes peft train the classifier head in full (modules_to_save); LoRA alone cannot fit a fresh head
+        task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=None if lora.target_modules == "auto" else lora.target_modules,  # None: peft's per-model default
+    )
+    base = load_base_model(request.model_path, request.task, request.labels, dtype=model_dtype(plan))
+    return get_peft_model(base, config)
+
+
+def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool) -> TrainingArguments:
+    settings = request.settings
+    return TrainingArguments(
+        output_dir=request.checkpoint_dir,
+        num_train_epochs=settings.num_epochs,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        weight_decay=settings.weight_decay,
+        warmup_steps=settings.warmup_ratio,  # transformers 5: a value below 1 is a share of all steps
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=settings.save_total_limit,
+        eval_strategy="steps" if with_eval else "no",
+        eval_steps=settings.save_steps if with_eval else None,
+        prediction_loss_only=True,
+        bf16=plan.bf16,
+        fp16=plan.fp16,
+        use_cpu=plan.device == "cpu",
+        seed=request.seed,
+        data_seed=request.seed,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=plan.device == "cuda",
+        remove_unused_columns=False,  # rows hold exactly the model inputs already
+        label_names=["labels"],
+    )
+
+
+class _ProgressReporter(TrainerCallback):
+    """On every Trainer log event: a metrics.jsonl line, a one-line message, and a ProgressUpdate."""
+
+    def __init__(self, metrics_path: Path, on_progress: Callable[[ProgressUpdate], None] | None, log):
+        self.metrics_path, self.on_progress, self.log = metrics_path, on_progress, log
+        self.started_at, self.first_step = time.monotonic(), 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume global_step starts high: the ETA must count only steps run in this process.
+        self.started_at, self.first_step = time.monotonic(), state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        epoch = float(state.epoch or 0.0)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.metrics_path, "a", encoding="utf-8") as handle:
+            record = {**logs, "step": state.global_step, "epoch": epoch, "timestamp": time.time()}
+            handle.write(json.dumps(record) + "\n")
+        done = state.global_step - self.first_step
+        eta = (time.monotonic() - self.started_at) / done * (state.max_steps - state.global_step) if done > 0 else None
+        update = ProgressUpdate(
+            step=state.global_step,
+            max_steps=state.max_steps,
+            epoch=epoch,
+            loss=logs.get("loss"),
+            learning_rate=logs.get("learning_rate"),
+            eta_seconds=eta,
+        )
+        self.log(_progress_line(update, logs))
+        if self.on_progress is not None:
+            self.on_progress(update)
+
+
+def _progress_line(update: ProgressUpdate, logs: dict[str, Any]) -> str:
+    """`step 40/120 epoch 2.00 loss 0.4123 lr 1.2e-03 eta 35s`, with whichever values this event has."""
+    parts = [f"step {update.step}/{update.max_steps}", f"epoch {update.epoch:.2f}"]
+    for key in ("loss", "eval_loss", "train_loss"):
+        if key in logs:
+            parts.append(f"{key} {logs[key]:.4f}")
+    if update.learning_rate is not None:
+        parts.append(f"lr {update.learning_rate:.1e}")
+    if "train_runtime" in logs:
+        parts.append(f"done in {logs['train_runtime']:.0f}s")
+    elif update.eta_seconds is not None:
+        parts.append(f"eta {update.eta_seconds:.0f}s")
+    return " ".join(parts)
+
+
+def _save_adapter(model, tokenizer, request: TrainRequest) -> None:
+    """Write the adapter beside its destination, then swap it in: a reader never sees half an adapter."""
+    final = Path(request.adapter_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging, retired = (final.parent / f".{final.name}.{kind}-{os.getpid()}" for kind in ("new", "old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if request.task == CLASSIFICATION:
+        atomic_write_json(staging / "label_map.json", label_map(request.labels or []))
+    if final.exists():
+        os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
