@@ -167,6 +167,15 @@ class SingleParams(_Strict):
                 raise ValueError(f"unknown gate metric {metric!r}{_suggest(metric, METRIC_HIGHER_IS_BETTER)}")
         return gates
 
+    @model_validator(mode="after")
+    def _preset_and_overrides_resolve(self) -> "SingleParams":
+        """Refuse a bad preset or override when the parameters are created, not minutes later."""
+        try:
+            resolve_training_settings(self.preset_name, self.overrides, self.task)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        return self
+
     @property
     def preset_name(self) -> str:
         return self.preset or DEFAULT_PRESET[self.task]
@@ -185,11 +194,11 @@ def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: `source: field.path: message`."""
     lines = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        location = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{source}: {location}: {message}")
+        lines.append(f"{source}: {location}: {message}" if location else f"{source}: {message}")
     return "; ".join(lines)
 
 
@@ -254,7 +263,8 @@ def resolve_training_settings(preset: str, overrides: dict[str, Any], task: str)
     try:
         return TrainingSettings.model_validate(deep_merge(preset_values, expanded))
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, f"preset {preset!r} + overrides")) from None
+        problems = [f"overrides.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors()]
+        raise ConfigError("; ".join(problems)) from None
 
 
 def load_params_file(path: str | Path, model: type[BaseModel] = SingleParams) -> BaseModel:

@@ -18,17 +18,12 @@ from pydantic import BaseModel
 from loraflow.config import SingleParams, TrainingSettings, resolve_training_settings
 from loraflow.errors import ConfigError, DataError
 from loraflow.fingerprint import code_version, hash_json
+from loraflow.gates import metrics_for_task
 from loraflow.layout import RunLayout, atomic_write_text
 from loraflow.models import check_target_modules, model_identity, resolve_model
 
 if TYPE_CHECKING:
     from loraflow.data.prepare import PreparedDataset
-
-TASK_METRICS: dict[str, set[str]] = {
-    "sequence-classification": {"accuracy", "f1_macro", "precision", "recall"},
-    "causal-lm": {"eval_loss", "perplexity"},
-}
-
 
 class RunPlan(BaseModel):
     params: SingleParams
@@ -74,11 +69,11 @@ def _check_writable(output_dir: str) -> None:
 
 def plan_run(params: SingleParams) -> RunPlan:
     settings = resolve_training_settings(params.preset_name, params.overrides, params.task)
-    unknown_gates = set(params.gates) - TASK_METRICS[params.task]
+    unknown_gates = set(params.gates) - metrics_for_task(params.task)
     if unknown_gates:
         raise ConfigError(
             f"gates: {sorted(unknown_gates)} are not produced by task {params.task!r}; "
-            f"use {sorted(TASK_METRICS[params.task])}"
+            f"use {sorted(metrics_for_task(params.task))}"
         )
     if not Path(params.dataset.path).exists():
         raise DataError(f"dataset.path: {params.dataset.path!r} does not exist")

@@ -39,9 +39,9 @@ def test_dotted_and_nested_overrides_merge_over_the_preset():
     [
         ({"learning_rte": 0.1}, "unknown key 'learning_rte' (did you mean 'learning_rate'?)"),
         ({"lora.rank": 4}, "unknown key 'lora.rank' (did you mean 'lora.r'?)"),
-        ({"learning_rate": 0}, "learning_rate: Input should be greater than 0"),
-        ({"num_epochs": -1}, "num_epochs: Input should be greater than 0"),
-        ({"batch_size": 0}, "batch_size: Input should be greater than or equal to 1"),
+        ({"learning_rate": 0}, "overrides.learning_rate: Input should be greater than 0"),
+        ({"num_epochs": -1}, "overrides.num_epochs: Input should be greater than 0"),
+        ({"batch_size": 0}, "overrides.batch_size: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, expected):
@@ -77,6 +77,8 @@ def test_params_file_yaml_and_json(tmp_path):
         ("dataset:\n  path: a.csv\ntask: regression\n", "p.yaml: task: Input should be"),
         ("dataset: [unclosed\n", "p.yaml:"),
         ("{}", "p.yaml: dataset: Field required"),
+        ("dataset:\n  path: a.csv\noverrides:\n  lora.rank: 4\n", "p.yaml: overrides: unknown key 'lora.rank' (did you mean 'lora.r'?)"),
+        ("dataset:\n  path: a.csv\npreset: nope\n", "p.yaml: preset: unknown preset 'nope'"),
     ],
 )
 def test_bad_params_file_gives_one_line_with_the_field(tmp_path, content, expected):

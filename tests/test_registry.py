@@ -69,7 +69,7 @@ def _register_many(root, adapter, worker):
 
 def test_concurrent_writers_lose_no_update(tmp_path):
     adapter = _adapter(tmp_path / "a")
-    context = multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("spawn")  # fork after torch threads start can hang
     workers = [context.Process(target=_register_many, args=(tmp_path / "reg", adapter, w)) for w in range(4)]
     for worker in workers:
         worker.start()

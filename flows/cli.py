@@ -1,0 +1,46 @@
+"""`python flows/<name>.py [params.yaml]`: run a flow from a parameter file, or its demo.
+
+Parameter-file problems are reported as one line and exit code 2 before Prefect starts;
+a run that fails (bad data, failed gates) prints its one-line reason and exits 1.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from loraflow.config import load_params_file
+from loraflow.errors import LoraflowError
+from loraflow.report import RunResult, summary_text
+
+USAGE = "usage: python flows/{name}.py [PARAMS.yaml|PARAMS.json]   (no file: run the bundled demo)"
+
+
+def run_from_command_line(
+    flow: Any, params_model: type[BaseModel], demo: Callable[[], BaseModel], argv: list[str] | None = None
+) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) > 1 or (args and args[0] in {"-h", "--help"}):
+        print(USAGE.format(name=flow.name), file=sys.stderr)
+        return 0 if args and args[0] in {"-h", "--help"} else 2
+    try:
+        params = load_params_file(args[0], params_model) if args else demo()
+    except LoraflowError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    # The temporary server's telemetry job races the run for its SQLite file ("database is
+    # locked" tracebacks); it inherits this environment when it starts on the first API call.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    state = flow(params, return_state=True)
+    outcome = state.result(raise_on_failure=False)
+    if isinstance(outcome, RunResult):
+        print("\n" + summary_text(outcome))
+    if state.is_completed():
+        return 0
+    reason = outcome if isinstance(outcome, BaseException) else state.message
+    print(f"error: {reason}", file=sys.stderr)
+    return 1

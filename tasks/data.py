@@ -1,0 +1,112 @@
+"""Prefect tasks for dataset preparation and sharded tokenisation on Dask."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect_dask import DaskTaskRunner
+
+from loraflow.config import DatasetSpec
+from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
+from loraflow.data.tokenize import Shard, plan_shards, shard_paths_by_split, tokenize_shard
+from loraflow.models import model_identity
+from tasks.policies import RETRY_DELAYS, RETRY_JITTER, fingerprint_key, retry_transient_only
+
+# distributed sets its own loggers to INFO when imported (above); its per-worker start-up
+# lines would bury the run's logs.
+logging.getLogger("distributed").setLevel(logging.WARNING)
+
+
+def _prepare_key(context, parameters) -> str:
+    spec, task_name = parameters["spec"], parameters["task"]
+    return fingerprint_key(
+        "prepare", source_fingerprint(spec, task_name), str(parameters["data_dir"]), parameters["seed"]
+    )
+
+
+@task(
+    name="prepare-dataset",
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_jitter_factor=RETRY_JITTER,
+    retry_condition_fn=retry_transient_only,
+    cache_key_fn=_prepare_key,
+)
+def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path, seed: int) -> PreparedDataset:
+    """Read, validate, normalise, dedupe and split the dataset.
+
+    Cached on the bytes of the input files plus the preparation settings: unchanged data
+    is never re-read. I/O errors (a flaky network mount) are retried; a malformed dataset
+    is not, since the same bytes fail the same way.
+    """
+    prepared = prepare_dataset(spec, task, data_dir, seed=seed)
+    counts = ", ".join(f"{split} {count}" for split, count in prepared.counts.items())
+    get_run_logger().info(f"prepared {prepared.name}: {counts}; rejects in {prepared.rejects_path}")
+    return prepared
+
+
+def _tokenize_key(context, parameters) -> str:
+    shard: Shard = parameters["shard"]
+    return fingerprint_key(
+        "tokenize",
+        shard.model_dump(exclude={"source"}),
+        model_identity(parameters["tokenizer_path"]),
+        parameters["task"],
+        parameters["max_length"],
+        str(parameters["out_dir"]),
+    )
+
+
+@task(
+    name="tokenize-shard",
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_transient_only,
+    cache_key_fn=_tokenize_key,
+)
+def tokenize_shard_task(shard: Shard, tokenizer_path: str, task: str, max_length: int, out_dir: Path) -> str:
+    """Tokenise one shard to parquet. One task per shard (thousands of rows), never per row:
+    a Prefect task costs ~0.1 s on Dask, so shards must carry seconds of work each."""
+    return tokenize_shard(shard, tokenizer_path, task, max_length, out_dir)
+
+
+def dask_task_runner(address: str | None) -> DaskTaskRunner:
+    """An existing cluster when given; else a local one.
+
+    With no Prefect server configured (`PREFECT_API_URL` unset), every Dask worker *process*
+    would start its own temporary Prefect server on the same SQLite file, so the local
+    cluster uses threads (fast tokenizers release the GIL). With a server, processes.
+    """
+    if address:
+        return DaskTaskRunner(address=address)
+    # No dashboard: nobody watches it for a seconds-long job, and concurrent runs would fight over its port.
+    local = {"dashboard_address": None}
+    if os.environ.get("PREFECT_API_URL"):
+        return DaskTaskRunner(cluster_kwargs={**local, "n_workers": 2, "threads_per_worker": 1, "processes": True})
+    return DaskTaskRunner(cluster_kwargs={**local, "n_workers": 1, "threads_per_worker": 2, "processes": False})
+
+
+@flow(name="tokenize-dataset")
+def tokenize_dataset(
+    prepared: PreparedDataset,
+    tokenizer_path: str,
+    task: str,
+    max_length: int,
+    shard_size: int,
+    out_dir: Path,
+    result_storage: Path,
+) -> tuple[dict[str, list[str]], bool]:
+    """Map shard tokenisation over the Dask task runner; returns parquet paths per split and
+    whether every shard was served from cache."""
+    shards = plan_shards(prepared, shard_size)
+    get_run_logger().info(f"tokenising {sum(s.stop - s.start for s in shards)} rows in {len(shards)} shards")
+    futures = tokenize_shard_task.with_options(result_storage=result_storage).map(
+        shards, tokenizer_path=unmapped(tokenizer_path), task=unmapped(task), max_length=max_length, out_dir=out_dir
+    )
+    futures.wait()
+    states = [future.state for future in futures]
+    paths = [state.result() for state in states]
+    return shard_paths_by_split(paths), all(state.name == "Cached" for state in states)

@@ -1,0 +1,65 @@
+"""Evaluation tasks: adapter metrics, the base-model baseline, and sample predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from loraflow.evaluate import evaluate_model
+from loraflow.layout import atomic_write_json
+from loraflow.plan import ResolvedConfig
+from loraflow.samples import run_sample_prompts
+from tasks.policies import RETRY_DELAYS, adapter_fingerprint, fingerprint_key, retry_transient_only
+
+
+def _evaluate_key(context, parameters) -> str:
+    return fingerprint_key(
+        "evaluate",
+        parameters["config"].fingerprint,
+        parameters["test_shards"],
+        adapter_fingerprint(parameters["adapter_dir"]),
+        str(parameters["out_path"]),
+    )
+
+
+@task(
+    name="evaluate",
+    retries=1,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_transient_only,
+    cache_key_fn=_evaluate_key,
+)
+def evaluate_task(config: ResolvedConfig, test_shards: list[str], adapter_dir: str | None, out_path: Path) -> dict:
+    """Metrics on the held-out test split; `adapter_dir=None` evaluates the bare base model
+    (the baseline). Cached on the adapter's bytes and the test shards, so a retrained
+    adapter is always re-evaluated."""
+    metrics = evaluate_model(
+        config.model, config.task, config.labels, test_shards, adapter_dir,
+        eval_batch_size=config.settings.eval_batch_size, seed=config.seed,
+    )
+    atomic_write_json(out_path, metrics)
+    scalars = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    get_run_logger().info(f"{'adapter' if adapter_dir else 'baseline'} metrics: {scalars}")
+    return metrics
+
+
+def _samples_key(context, parameters) -> str:
+    return fingerprint_key(
+        "samples",
+        parameters["config"].fingerprint,
+        adapter_fingerprint(parameters["adapter_dir"]),
+        str(parameters["prompts_path"]),
+        str(parameters["out_path"]),
+    )
+
+
+@task(name="sample-predictions", retries=1, retry_condition_fn=retry_transient_only, cache_key_fn=_samples_key)
+def samples_task(config: ResolvedConfig, adapter_dir: str, prompts_path: str, out_path: Path) -> str:
+    """Run the held-out sample prompts through the adapter so a person can eyeball its output."""
+    rows = run_sample_prompts(
+        config.model, config.task, config.labels, adapter_dir, prompts_path, out_path,
+        max_length=config.settings.max_length, max_new_tokens=config.settings.max_new_tokens,
+    )
+    get_run_logger().info(f"wrote {len(rows)} sample predictions to {out_path}")
+    return str(out_path)

@@ -1,0 +1,51 @@
+"""Retry and cache policies shared by loraflow's Prefect tasks.
+
+Retries: only failures that can go away on their own are retried (I/O trouble, a
+CUDA out-of-memory while another job holds the GPU). A `LoraflowError` means the input
+or configuration is wrong; retrying it would only delay the error the user must see.
+
+Caching: keys are built from content fingerprints (dataset, resolved config, base model,
+code version) plus where the outputs go, never from Prefect run ids, so an identical
+re-run is served from cache and any real change recomputes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.tasks import exponential_backoff
+
+from loraflow.errors import LoraflowError
+from loraflow.fingerprint import code_version, hash_json, hash_tree
+
+RETRY_DELAYS = exponential_backoff(backoff_factor=2)
+RETRY_JITTER = 0.2
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, LoraflowError):
+        return False
+    return isinstance(error, (OSError, TimeoutError, ConnectionError)) or _is_out_of_memory(error)
+
+
+def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
+    """`retry_condition_fn`: continue to the retry policy only for transient failures."""
+    try:
+        state.result()
+    except BaseException as error:  # the task's own exception, re-raised by result()
+        return is_transient(error)
+    return False
+
+
+def fingerprint_key(stage: str, *parts: Any) -> str:
+    """A cache key: the stage, the code version and the content fingerprints of its inputs."""
+    return f"loraflow-{stage}-{hash_json([stage, code_version(), *parts])[:32]}"
+
+
+def adapter_fingerprint(adapter_dir: str | None) -> str | None:
+    """An adapter's identity is its bytes: a retrained adapter never reuses old results."""
+    return hash_tree(adapter_dir) if adapter_dir else None

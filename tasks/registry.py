@@ -1,0 +1,52 @@
+"""The registration task: add the adapter to the registry, promote it when its gates pass."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from loraflow.plan import ResolvedConfig
+from loraflow.registry import Registry, RegistryVersion
+from tasks.policies import RETRY_DELAYS, adapter_fingerprint, fingerprint_key, retry_transient_only
+
+PROMOTED_ALIAS = "production"
+
+
+def _register_key(context, parameters) -> str:
+    return fingerprint_key(
+        "register",
+        parameters["config"].fingerprint,
+        adapter_fingerprint(parameters["adapter_dir"]),
+        parameters["registry_root"],
+        parameters["passed"],
+    )
+
+
+@task(
+    name="register-adapter",
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_transient_only,
+    cache_key_fn=_register_key,
+)
+def register_task(
+    registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool
+) -> RegistryVersion:
+    """Register a version keyed by the config fingerprint (idempotent: identical inputs never
+    add a version) and point the `production` alias at it only when every gate passed."""
+    registry = Registry(registry_root)
+    card = {
+        "task": config.task,
+        "base_model": config.model,
+        "model_identity": config.model_identity,
+        "dataset_fingerprint": config.dataset_fingerprint,
+        "code_version": config.code_version,
+        "config": config.model_dump(),
+    }
+    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    version, created = registry.register(config.name, adapter_dir, config.fingerprint, card, scalars, passed)
+    logger = get_run_logger()
+    logger.info(f"{'registered' if created else 'already registered as'} {config.name} v{version.version}")
+    if passed:
+        registry.promote(config.name, version.version, PROMOTED_ALIAS)
+        logger.info(f"{config.name}: alias {PROMOTED_ALIAS!r} -> v{version.version}")
+    return version

@@ -1,0 +1,28 @@
+"""Shared test set-up: offline, isolated Prefect home, one Prefect test server per session."""
+
+import os
+import tempfile
+
+# Before anything imports prefect or transformers: isolate state and forbid the network.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="loraflow-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "results")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.pop("PREFECT_API_URL", None)
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The Prefect test server and Dask threads share the 2 cores with torch; two OpenMP threads
+# spin-waiting on a busy core made training tests 5-10x slower and erratic.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One Prefect test server for the whole session: starting one costs ~15 s."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
