@@ -71,7 +71,8 @@ def single(params: SingleParams) -> State:
     version = stages.run("register", register_task, params.registry_root, config, trained.adapter_dir, metrics, passed)
 
     result = RunResult(
-        name=plan.name, status="passed" if passed else "failed_gates", task=params.task, model=plan.model_path,
+        name=plan.name, status="passed" if passed else "failed_gates", task=params.task, model=params.model,
+        model_path=plan.model_path,
         passed=passed, metrics=metrics, baseline=baseline, gates=gates, adapter_path=trained.adapter_dir,
         registry_version=version.version, registry_path=version.path, timings=stages.timings,
         cached=stages.cached, cached_stages=[s for s, hit in stages.cached.items() if hit],

@@ -17,7 +17,8 @@ class RunResult(BaseModel):
     name: str
     status: str  # "passed" | "failed_gates"
     task: str
-    model: str
+    model: str  # as the user named it: hub id, folder or `minilm`
+    model_path: str
     passed: bool
     metrics: dict[str, Any]
     baseline: dict[str, Any]
@@ -61,7 +62,7 @@ def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def summary_text(result: RunResult) -> str:
-    lines = [f"loraflow {result.name} ({result.task}, {Path(result.model).name}): {result.status.upper()}"]
+    lines = [f"loraflow {result.name} ({result.task}, {result.model}): {result.status.upper()}"]
     for metric, value in scalar_metrics(result.metrics).items():
         lines.append(f"  {metric:<12} {_fmt(value):>10}   baseline {_fmt(result.baseline.get(metric))}")
     lines += [f"  gate: {gate_line(g)}" for g in result.gates.values()] or ["  gates: none set"]
