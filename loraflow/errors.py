@@ -24,3 +24,12 @@ class ModelError(LoraflowError):
 
 class GateFailure(LoraflowError):
     """Evaluation finished but one or more quality gates failed."""
+
+
+class TrainingStopped(LoraflowError):
+    """Training was asked to stop (the run was cancelled); the last checkpoint is saved for a resume."""
+
+
+class TrainingOutOfMemory(RuntimeError):
+    """Out of memory even at per-device batch size 1. Not a `LoraflowError`: memory another job
+    holds may be free on a later attempt, so the orchestration layer retries it with backoff."""

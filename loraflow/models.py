@@ -72,6 +72,6 @@ def check_target_modules(target_modules: list[str] | str, resolved: str, task: s
     missing = [name for name in target_modules if not any(fnmatch.fnmatch(m, name) for m in available)]
     if missing:
         raise ConfigError(
-            f"lora.target_modules: {missing} not found in {Path(resolved).name}; "
+            f"overrides.lora.target_modules: {missing} not found in {Path(resolved).name}; "
             f"its linear modules are {sorted(available)} (or use 'all-linear')"
         )

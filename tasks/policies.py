@@ -15,7 +15,7 @@ from typing import Any
 
 from prefect.tasks import exponential_backoff
 
-from loraflow.errors import LoraflowError
+from loraflow.errors import LoraflowError, TrainingOutOfMemory
 from loraflow.fingerprint import code_version, hash_json, hash_tree
 
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)
@@ -23,7 +23,10 @@ RETRY_JITTER = 0.2
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+    """torch's CUDA OutOfMemoryError (matched by name: no torch import here), or training's own give-up."""
+    if isinstance(error, TrainingOutOfMemory) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    return "out of memory" in str(error).lower()
 
 
 def is_transient(error: BaseException) -> bool:

@@ -1,16 +1,41 @@
-"""The training task: one LoRA run holding a GPU slot, with live progress in the Prefect UI."""
+"""The training task: one LoRA run holding a GPU slot, with live progress in the Prefect UI,
+that stops at a checkpoint when its flow run is cancelled.
+
+Crash safety of the slot: Prefect frees a slot whose holder died only when its lease expires,
+and only on a server that runs the lease repossessor; the temporary server of a bare
+`python flows/single.py` runs none and forgets leases when it exits, so a killed run would
+block every later run on that slot for good. Each holder therefore leaves a note under
+PREFECT_HOME; the next run on the same host gives back the slots of holders that are dead.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.orchestration import get_client
+from prefect.concurrency.context import ConcurrencyContext
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+from prefect.states import Cancelled, Cancelling, State
 
+from loraflow.errors import TrainingStopped
+from loraflow.layout import atomic_write_json
 from loraflow.plan import ResolvedConfig
 from loraflow.train.trainer import ProgressUpdate, TrainRequest, TrainResult, train_adapter
 from tasks.policies import RETRY_DELAYS, RETRY_JITTER, fingerprint_key, retry_transient_only
+
+SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
 
 
 def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
@@ -23,6 +48,121 @@ def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
         except ObjectNotFound:
             client.upsert_global_concurrency_limit_by_name(name, slots)
             get_run_logger().info(f"created global concurrency limit {name!r} with {slots} slot(s)")
+
+
+def _holders_dir() -> Path:
+    return Path(PREFECT_HOME.value()) / "loraflow-slot-holders"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def reclaim_dead_holders(limit: str) -> None:
+    """Give back the slots of `limit` still held by processes on this host that were killed.
+
+    With a configured server the lease is released (a no-op if it was already repossessed,
+    so never counted twice); a temporary server has lost the lease, so one slot is decremented.
+    """
+    host = socket.gethostname()
+    for note in sorted(_holders_dir().glob("*.json")):
+        try:
+            holder = json.loads(note.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if holder.get("limit") != limit or holder.get("host") != host or _alive(int(holder["pid"])):
+            continue
+        claimed = note.with_suffix(f".reclaiming-{os.getpid()}")
+        try:
+            os.replace(note, claimed)  # one reclaimer per note, even when runs start together
+        except FileNotFoundError:
+            continue
+        try:
+            with get_client(sync_client=True) as client:
+                if PREFECT_API_URL.value() and holder.get("lease_id"):
+                    client.release_concurrency_slots_with_lease(lease_id=holder["lease_id"])
+                else:
+                    held = max(0.001, time.time() - float(holder.get("since", 0)))  # the server wants > 0
+                    client.release_concurrency_slots(names=[limit], slots=1, occupancy_seconds=held)
+        except BaseException:
+            os.replace(claimed, note)  # still held: the next run tries again
+            raise
+        claimed.unlink(missing_ok=True)
+        get_run_logger().warning(f"released the {limit!r} slot of process {holder['pid']}, which died holding it")
+
+
+@contextmanager
+def training_slot(limit: str) -> Iterator[None]:
+    """Hold one slot of the global limit `limit` (created with one slot when missing) while training."""
+    ensure_concurrency_limit(limit)
+    reclaim_dead_holders(limit)
+    with concurrency(limit, occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS):
+        context = ConcurrencyContext.get()  # records each lease it grants, newest last
+        lease_id = str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
+        note = _holders_dir() / f"{lease_id or os.getpid()}.json"
+        holder = {"limit": limit, "host": socket.gethostname(), "pid": os.getpid(), "lease_id": lease_id,
+                  "since": time.time()}
+        atomic_write_json(note, holder)
+        try:
+            yield
+        finally:
+            note.unlink(missing_ok=True)
+
+
+class CancellationWatch:
+    """`should_stop` for the trainer: has someone cancelled this flow run, or the run it belongs to?
+
+    A run started by a worker is also stopped by the worker killing its process; a run started
+    with `python flows/x.py` has no one to do that, so training asks the server itself. Training
+    may run in a subflow (or a dispatched deployment run) while the user cancels the parent.
+    """
+
+    def __init__(self):
+        ids = (flow_run.get_id(), flow_run.get_parent_flow_run_id(), flow_run.get_root_flow_run_id())
+        self.flow_run_ids = list(dict.fromkeys(str(i) for i in ids if i))
+        self.cancelled_run_id: str | None = None
+
+    def __call__(self) -> bool:
+        try:
+            with get_client(sync_client=True) as client:
+                states = {run_id: client.read_flow_run(run_id).state for run_id in self.flow_run_ids}
+        except (httpx.HTTPError, ObjectNotFound):  # an unreachable server must not stop training; ask again later
+            return False
+        for run_id, state in states.items():
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                self.cancelled_run_id = run_id
+                return True
+        return False
+
+
+def _note_on_cancelling_run(run_id: str | None, message: str) -> None:
+    """Put why and where training stopped on the cancelled run's state, for the UI and `finish_cancellation`."""
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        if client.read_flow_run(run_id).state.is_cancelling():
+            client.set_flow_run_state(run_id, Cancelling(message=message), force=True)
+
+
+def finish_cancellation(state: State) -> State:
+    """Move a run that stopped on a cancel request from Cancelling to Cancelled.
+
+    The server accepts nothing but Cancelled after Cancelling, and Prefect's engine proposes
+    Failed for a flow whose task raised, so a run started without a worker would stay
+    Cancelling for good; the process that started it finishes the cancellation, as a worker would.
+    """
+    if not state.is_cancelling():
+        return state
+    cancelled = Cancelled(message=state.message or "cancelled on request")
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(state.state_details.flow_run_id, cancelled)
+    return cancelled
 
 
 class TrainingProgress:
@@ -59,7 +199,12 @@ def train_adapter_task(config: ResolvedConfig, request: TrainRequest, concurrenc
     complete checkpoint instead of step 0; configuration errors are never retried.
     """
     logger = get_run_logger()
-    ensure_concurrency_limit(concurrency_limit)
-    with concurrency(concurrency_limit, occupy=1, strict=True):
+    with training_slot(concurrency_limit):
         logger.info(f"holding a {concurrency_limit!r} slot; {config.total_steps} optimiser steps planned")
-        return train_adapter(request, on_progress=TrainingProgress(config.name), log=logger.info)
+        watch = CancellationWatch()
+        try:
+            return train_adapter(request, on_progress=TrainingProgress(config.name), log=logger.info, should_stop=watch)
+        except TrainingStopped as stopped:
+            logger.warning(str(stopped))
+            _note_on_cancelling_run(watch.cancelled_run_id, str(stopped))
+            raise

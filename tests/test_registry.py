@@ -80,3 +80,48 @@ def test_concurrent_writers_lose_no_update(tmp_path):
     assert sorted(v.version for v in index.versions) == list(range(1, 21))
     assert len({v.key for v in index.versions}) == 20
     assert index.aliases["production"] in range(1, 21)
+
+
+def _promote_and_roll_back(root, versions):
+    """Promote each of `versions` in turn, rolling back after every second one."""
+    registry = Registry(root)
+    for position, version in enumerate(versions):
+        registry.promote("shared", version, "production")
+        if position % 2:
+            registry.rollback("shared", "production")
+
+
+def _read_while_written(root, stop_at):
+    """A reader never sees a half-written index nor an alias pointing at a missing version."""
+    import time
+
+    registry = Registry(root)
+    while time.time() < stop_at:
+        index = registry.index("shared")
+        assert index.aliases["production"] in {v.version for v in index.versions}
+        registry.resolve("shared", "production")  # raises on a dangling alias
+
+
+def test_concurrent_promotions_and_rollbacks_lose_no_history_and_readers_see_whole_indexes(tmp_path):
+    import time
+
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    for key in range(25):
+        registry.register("shared", adapter, f"k{key}", {}, {}, True)
+    registry.promote("shared", 25, "production")
+    context = multiprocessing.get_context("spawn")
+    writers = [
+        context.Process(target=_promote_and_roll_back, args=(tmp_path / "reg", list(range(1 + 8 * w, 9 + 8 * w))))
+        for w in range(3)
+    ]
+    reader = context.Process(target=_read_while_written, args=(tmp_path / "reg", time.time() + 4))
+    for process in (reader, *writers):
+        process.start()
+    for process in (*writers, reader):
+        process.join(timeout=90)
+        assert process.exitcode == 0
+    index = Registry(tmp_path / "reg").index("shared")
+    promotions, rollbacks = 3 * 8, 3 * 4
+    assert len(index.alias_history["production"]) == promotions - rollbacks
+    assert index.aliases["production"] in range(1, 26)

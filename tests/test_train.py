@@ -14,7 +14,12 @@ from transformers import AutoTokenizer
 from loraflow.config import LoraSettings, TrainingSettings
 from loraflow.evaluate import evaluate_model
 from loraflow.models import bundled_minilm_dir
-from loraflow.train.checkpoints import FINGERPRINT_FILE, find_resumable_checkpoint
+from loraflow.train.checkpoints import (
+    COMPLETE_MARKER,
+    FINGERPRINT_FILE,
+    find_resumable_checkpoint,
+    mark_checkpoint_complete,
+)
 from loraflow.train.device import pick_device
 from loraflow.train.trainer import ProgressUpdate, TrainRequest, train_adapter
 from tests.tiny_models import (
@@ -188,6 +193,7 @@ def test_find_resumable_checkpoint_wants_state_weights_optimizer_and_scheduler(t
             (folder / "adapter_model.safetensors").write_bytes(weights)
         for name in ("optimizer.pt", "scheduler.pt"):
             (folder / name).write_bytes(b"state")
+        mark_checkpoint_complete(folder)
         if without:
             (folder / without).unlink()
 
@@ -196,13 +202,15 @@ def test_find_resumable_checkpoint_wants_state_weights_optimizer_and_scheduler(t
     checkpoint(15, weights=b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # header promises more than is there
     checkpoint(20, without="trainer_state.json")
     checkpoint(30, without="optimizer.pt")
+    checkpoint(40, without=COMPLETE_MARKER)  # killed before the Trainer finished writing it
     (tmp_path / "checkpoint-x").mkdir()
     messages: list[str] = []
 
     assert find_resumable_checkpoint(tmp_path, messages.append) == str(tmp_path / "checkpoint-10")
-    assert messages[:2] == [
+    assert messages[:3] == [
+        "warning: skipping checkpoint-40: it was never marked complete (interrupted while saving)",
         "warning: skipping checkpoint-30: optimizer.pt missing",
         "warning: skipping checkpoint-20: trainer_state.json is missing",
     ]
-    assert messages[2].startswith("warning: skipping checkpoint-15: adapter weights are unreadable")
+    assert messages[3].startswith("warning: skipping checkpoint-15: adapter weights are unreadable")
     assert find_resumable_checkpoint(tmp_path / "absent", messages.append) is None

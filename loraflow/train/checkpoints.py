@@ -3,11 +3,14 @@
 A crash can leave the newest checkpoint half written, and a checkpoint folder may hold
 checkpoints of a different configuration. Both are detected here, before the Trainer
 reads them, so resuming never starts from a state that is not what this run would have made.
+The Trainer writes a checkpoint file by file, so a checkpoint counts as complete only once
+`mark_checkpoint_complete` has flushed its files and renamed a marker into it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from loraflow.layout import atomic_write_text
 
 FINGERPRINT_FILE = "loraflow_config_fingerprint.txt"
+COMPLETE_MARKER = "loraflow_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _TRAINING_STATE = ("optimizer.pt", "scheduler.pt")
 
@@ -36,8 +40,18 @@ def read_trainer_state(path: Path) -> dict:
     return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
 
 
+def mark_checkpoint_complete(path: Path) -> None:
+    """Flush every file of a just-written checkpoint to disk, then atomically add the marker."""
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    atomic_write_text(path / COMPLETE_MARKER, json.dumps({"files": sorted(p.name for p in path.iterdir())}) + "\n")
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from, or None when it is complete."""
+    if not (path / COMPLETE_MARKER).is_file():
+        return "it was never marked complete (interrupted while saving)"
     try:
         state = read_trainer_state(path)
     except FileNotFoundError:

@@ -7,6 +7,7 @@ checkpoints that a restarted run resumes from, `metrics.jsonl`, and the final ad
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from transformers import (
 )
 
 from loraflow.config import TrainingSettings
-from loraflow.errors import ConfigError, DataError
+from loraflow.errors import ConfigError, DataError, TrainingOutOfMemory, TrainingStopped
 from loraflow.fingerprint import hash_file, hash_json
 from loraflow.layout import atomic_write_json
 from loraflow.models import model_identity
@@ -38,6 +39,7 @@ from loraflow.train.checkpoints import (
     claim_checkpoint_dir,
     discard_checkpoints_after,
     find_resumable_checkpoint,
+    mark_checkpoint_complete,
     read_trainer_state,
 )
 from loraflow.train.data import TokenizedDataset, collator_for
@@ -45,7 +47,13 @@ from loraflow.train.device import DevicePlan, pick_device
 
 CLASSIFICATION = "sequence-classification"
 # Settings that change what is logged or kept, not the weights: a change must not discard checkpoints.
-_RESUME_NEUTRAL_SETTINGS = {"save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "max_new_tokens"}
+# The batch split is neutral too: only the effective batch (batch_size x accumulation) shapes the
+# optimiser steps, so a run that halved its batch after an out-of-memory error resumes the same checkpoints.
+_RESUME_NEUTRAL_SETTINGS = {
+    "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "max_new_tokens",
+    "batch_size", "gradient_accumulation_steps",
+}
+STOP_CHECK_SECONDS = 1.0
 
 
 class TrainRequest(BaseModel):
@@ -81,6 +89,8 @@ class TrainResult(BaseModel):
     train_runtime_s: float
     device: str
     precision: str
+    batch_size: int
+    gradient_accumulation_steps: int
 
 
 def load_tokenizer(model_path: str):
@@ -119,6 +129,7 @@ def model_dtype(plan: DevicePlan) -> torch.dtype:
 def config_fingerprint(request: TrainRequest) -> str:
     """What determines the trained weights: the request minus its paths, plus model and data identity."""
     settings = request.settings.model_dump(exclude=_RESUME_NEUTRAL_SETTINGS)
+    settings["effective_batch_size"] = request.settings.batch_size * request.settings.gradient_accumulation_steps
     return hash_json(
         {
             "model": model_identity(request.model_path),
@@ -135,15 +146,67 @@ def train_adapter(
     request: TrainRequest,
     on_progress: Callable[[ProgressUpdate], None] | None = None,
     log: Callable[[str], None] = print,
+    should_stop: Callable[[], bool] | None = None,
+    callbacks: tuple[TrainerCallback, ...] = (),
 ) -> TrainResult:
-    """Train (or resume training) a LoRA adapter and save it to `request.adapter_dir`."""
+    """Train (or resume training) a LoRA adapter and save it to `request.adapter_dir`.
+
+    Out of memory, it retries from the last complete checkpoint with a smaller per-device batch
+    and more accumulation (the same effective batch), down to 1, then raises `TrainingOutOfMemory`.
+    `should_stop` is polled about once a second: when it answers True the trainer saves a
+    checkpoint and `TrainingStopped` is raised, so a cancelled run can be resumed later.
+    `callbacks` are extra Trainer callbacks (instrumentation, fault injection).
+    """
     plan = pick_device()
     train_data = TokenizedDataset(request.train_shards)
     if len(train_data) == 0:
         raise DataError(f"train split is empty ({len(request.train_shards)} shards)")
     eval_data = TokenizedDataset(request.eval_shards) if request.eval_shards else None
-
     claim_checkpoint_dir(request.checkpoint_dir, config_fingerprint(request), log)
+    settings = request.settings
+    while True:
+        attempt = request.model_copy(update={"settings": settings})
+        try:
+            return _train_once(attempt, plan, train_data, eval_data, on_progress, log, should_stop, callbacks)
+        except torch.cuda.OutOfMemoryError as error:
+            settings = _smaller_batch(settings, error, log)
+        _release_memory()  # out here the error's traceback no longer pins the failed attempt's model
+
+
+def _smaller_batch(settings: TrainingSettings, error: BaseException, log: Callable[[str], None]) -> TrainingSettings:
+    """Half the per-device batch (or its largest divisor below half) and as much more accumulation."""
+    size, accumulation = settings.batch_size, settings.gradient_accumulation_steps
+    if size == 1:
+        raise TrainingOutOfMemory(
+            f"training ran out of memory even at batch_size 1 (gradient_accumulation_steps {accumulation}): "
+            f"{str(error).splitlines()[0] if str(error) else 'CUDA out of memory'}; lower overrides.max_length, "
+            "use a smaller model, or free the GPU"
+        ) from None
+    smaller = next(d for d in range(size // 2, 0, -1) if size % d == 0)
+    more = accumulation * size // smaller
+    log(
+        f"warning: out of memory at batch_size {size}; retrying from the last checkpoint with batch_size {smaller}, "
+        f"gradient_accumulation_steps {more} (effective batch {smaller * more})"
+    )
+    return settings.model_copy(update={"batch_size": smaller, "gradient_accumulation_steps": more})
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train_once(
+    request: TrainRequest,
+    plan: DevicePlan,
+    train_data: TokenizedDataset,
+    eval_data: TokenizedDataset | None,
+    on_progress: Callable[[ProgressUpdate], None] | None,
+    log: Callable[[str], None],
+    should_stop: Callable[[], bool] | None,
+    callbacks: tuple[TrainerCallback, ...],
+) -> TrainResult:
     resume_from = find_resumable_checkpoint(request.checkpoint_dir, log)
     resumed_from_step = None
     if resume_from:
@@ -155,6 +218,7 @@ def train_adapter(
     set_seed(request.seed)  # before loading: the classifier head and LoRA weights are initialised here
     tokenizer = load_tokenizer(request.model_path)
     model = _peft_model(request, plan)
+    stopper = _StopWhenAsked(should_stop)
     trainer = Trainer(
         model=model,
         args=_training_arguments(request, plan, with_eval=eval_data is not None),
@@ -162,10 +226,20 @@ def train_adapter(
         train_dataset=train_data,
         eval_dataset=eval_data,
         processing_class=tokenizer,
-        callbacks=[_ProgressReporter(Path(request.logs_dir) / "metrics.jsonl", on_progress, log)],
+        callbacks=[
+            _ProgressReporter(Path(request.logs_dir) / "metrics.jsonl", on_progress, log),
+            _MarkCheckpointsComplete(),
+            stopper,
+            *callbacks,
+        ],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _ProgressReporter says it in one line
     output = trainer.train(resume_from_checkpoint=resume_from)
+    if stopper.stopped_at is not None:
+        raise TrainingStopped(
+            f"training stopped on request at step {stopper.stopped_at} of {trainer.state.max_steps}; "
+            f"checkpoint-{stopper.stopped_at} is saved in {request.checkpoint_dir}: run again to resume"
+        )
 
     _save_adapter(trainer.model, tokenizer, request)
     steps_this_run = output.global_step - (resumed_from_step or 0)
@@ -182,6 +256,8 @@ def train_adapter(
         train_runtime_s=float(output.metrics.get("train_runtime", 0.0)),
         device=plan.device,
         precision="bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
+        batch_size=request.settings.batch_size,
+        gradient_accumulation_steps=request.settings.gradient_accumulation_steps,
     )
 
 
@@ -231,6 +307,29 @@ def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool
         remove_unused_columns=False,  # rows hold exactly the model inputs already
         label_names=["labels"],
     )
+
+
+class _MarkCheckpointsComplete(TrainerCallback):
+    """The Trainer writes a checkpoint file by file; the marker, written last and atomically, vouches for all of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+
+class _StopWhenAsked(TrainerCallback):
+    """Polls `should_stop` after the first step, then at most once per STOP_CHECK_SECONDS; on yes,
+    save a checkpoint and stop."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None):
+        self.should_stop, self.checked_at, self.stopped_at = should_stop, float("-inf"), None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.should_stop is None or time.monotonic() - self.checked_at < STOP_CHECK_SECONDS:
+            return
+        self.checked_at = time.monotonic()
+        if self.should_stop():
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
 
 
 class _ProgressReporter(TrainerCallback):
