@@ -1,4 +1,7 @@
-"""`python flows/<name>.py [params.yaml]`: run a flow from a parameter file, or its demo.
+"""`python flows/<name>.py [params.yaml] [--plan]`: run a flow from a parameter file, or its demo.
+
+`--plan` sets `plan_only`: the flow validates everything and prints its execution plan
+(datasets, row counts, variants, output paths, estimated steps, cached stages), training nothing.
 
 Parameter-file problems are reported as one line and exit code 2 before Prefect starts;
 a run that fails (bad data, failed gates) prints its one-line reason and exits 1.
@@ -13,32 +16,53 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from loraflow.batch import BatchResult
 from loraflow.config import load_params_file
 from loraflow.errors import LoraflowError
+from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, summary_text
+from loraflow.variations import VariationsResult
+from tasks.training import finish_cancellation
 
-USAGE = "usage: python flows/{name}.py [PARAMS.yaml|PARAMS.json]   (no file: run the bundled demo)"
+USAGE = (
+    "usage: python flows/{name}.py [PARAMS.yaml|PARAMS.json] [--plan]\n"
+    "  no file: run the bundled demo; --plan: print the execution plan and train nothing"
+)
 
 
 def run_from_command_line(
-    flow: Any, params_model: type[BaseModel], demo: Callable[[], BaseModel], argv: list[str] | None = None
+    flow: Any,
+    params_model: type[BaseModel],
+    demo: Callable[[], BaseModel],
+    argv: list[str] | None = None,
+    preflight: Callable[[Any], Any] | None = None,
 ) -> int:
+    """`preflight(params)` runs the flow's cheap checks (paths, model, LoRA targets) before Prefect
+    starts, so a mistake they catch is a one-line exit 2 in seconds, not a failed run."""
     args = sys.argv[1:] if argv is None else argv
+    plan_only = "--plan" in args
+    args = [arg for arg in args if arg != "--plan"]
     if len(args) > 1 or (args and args[0] in {"-h", "--help"}):
         print(USAGE.format(name=flow.name), file=sys.stderr)
         return 0 if args and args[0] in {"-h", "--help"} else 2
     try:
         params = load_params_file(args[0], params_model) if args else demo()
+        if plan_only:
+            params = params.model_copy(update={"plan_only": True})
+        if preflight is not None:
+            preflight(params)
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     # The temporary server's telemetry job races the run for its SQLite file ("database is
     # locked" tracebacks); it inherits this environment when it starts on the first API call.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    state = flow(params, return_state=True)
+    state = finish_cancellation(flow(params, return_state=True))
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, RunResult):
         print("\n" + summary_text(outcome))
+    elif isinstance(outcome, (ExecutionPlan, BatchResult, VariationsResult)):
+        print("\n" + outcome.text())
     if state.is_completed():
         return 0
     reason = outcome if isinstance(outcome, BaseException) else state.message

@@ -1,33 +1,37 @@
 """single: one dataset to a trained, evaluated and registered LoRA adapter.
 
-    python flows/single.py                 # demo: MiniLM on the bundled topics dataset, offline
-    python flows/single.py params.yaml     # your parameters (YAML or JSON, see README)
+    python flows/single.py                      # demo: MiniLM on the bundled topics dataset, offline
+    python flows/single.py params.yaml          # your parameters (YAML or JSON, see README)
+    python flows/single.py params.yaml --plan   # print what would run and what is cached; train nothing
 
-The flow reads as the pipeline; every step is a Prefect task around a loraflow core
+The flow reads as the pipeline: check the parameters, prepare the data once
+(`prepare_data`), then train, evaluate, gate and register (`train_evaluate`, its own
+subflow run). `batch` runs this flow per dataset; `variations` runs `prepare_data` once and
+`train_evaluate` per grid point. Every step is a Prefect task around a loraflow core
 function, with its own retry and cache policy (see `tasks/`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed, State
+from prefect.states import State
 
 from loraflow.config import SingleParams
 from loraflow.gates import check_gates
-from loraflow.plan import plan_run, resolve_config, write_resolved_config
+from loraflow.plan import PreparedData, RunPlan, plan_run, resolve_config, write_resolved_config
 from loraflow.report import RunResult, failure_message, write_result
-from loraflow.train.trainer import TrainRequest
-from tasks.data import dask_task_runner, prepare_dataset_task, tokenize_dataset
+from tasks.data import prepare_dataset_task
+from tasks.dispatch import should_dispatch, train_stage
 from tasks.evaluation import evaluate_task, samples_task
-from tasks.registry import register_task
-from tasks.reporting import publish_summary
+from tasks.pipeline import model_turn, result_storage, tokenize_stage, train_request
+from tasks.plans import plan_single
+from tasks.registry import PROMOTED_ALIAS, register_task
+from tasks.reporting import final_state, plan_state, publish_summary
 from tasks.stages import StageRecorder
-from tasks.training import train_adapter_task
-
-RESULT_STORAGE_DIRNAME = ".loraflow-cache"
 
 
 def demo_params(output_dir: str = "runs") -> SingleParams:
@@ -38,57 +42,78 @@ def demo_params(output_dir: str = "runs") -> SingleParams:
 
 @flow(name="single", description="One dataset to a trained, evaluated and registered LoRA adapter.")
 def single(params: SingleParams) -> State:
-    plan = plan_run(params)
-    layout = plan.layout
-    stages = StageRecorder(Path(params.output_dir).resolve() / RESULT_STORAGE_DIRNAME)
+    with model_turn():  # the LoRA-target check builds the model on the meta device
+        plan = plan_run(params)
+    if params.plan_only:
+        return plan_state(plan_single(plan))
+    data = prepare_data(plan)
+    result = train_evaluate.with_options(flow_run_name=plan.name)(plan, data)
+    return final_state(result, failure_message(result) if not result.passed else f"{plan.name}: all gates passed",
+                       failed=not result.passed)
 
+
+def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PreparedData:
+    """Prepare and tokenise the dataset, and evaluate the bare base model on it: the work every
+    training run on this data shares. Tokenised at the plan's `max_length` and any others given
+    (a grid that varies it); the baseline uses the plan's."""
+    params, layout = plan.params, plan.layout
+    stages = StageRecorder(result_storage(params))
     prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, layout.data, params.seed)
     config = resolve_config(plan, prepared)
+    shards = {length: tokenize_stage(stages, plan, prepared, length)
+              for length in sorted({config.settings.max_length, *max_lengths})}
+    test_shards = shards[config.settings.max_length]["test"]
+    baseline_path = layout.eval / "baseline.json"
+    with model_turn():
+        baseline = stages.run("baseline", evaluate_task, config, test_shards, None, baseline_path)
+    return PreparedData(prepared=prepared, shards=shards, baseline=baseline, baseline_path=str(baseline_path),
+                        timings=stages.timings, cached=stages.cached)
+
+
+@flow(name="train-evaluate", description="Train, evaluate, gate and register one LoRA adapter on prepared data.")
+def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None = PROMOTED_ALIAS) -> RunResult:
+    """One adapter from prepared data. `registry_alias=None` skips registration (a variations
+    grid registers only its best variant, afterwards)."""
+    params, layout = plan.params, plan.create_layout()
+    stages = StageRecorder(result_storage(params))
+    config = resolve_config(plan, data.prepared)
     write_resolved_config(config, layout.config)
+    shards = data.shards[config.settings.max_length]
 
-    tokenize = tokenize_dataset.with_options(task_runner=dask_task_runner(params.dask_address))
-    with stages.timed("tokenize") as stage:
-        shards, stage.cached = tokenize(
-            prepared, plan.model_path, params.task, config.settings.max_length, params.shard_size,
-            layout.data / "tokens", stages.result_storage,
-        )
+    request = train_request(plan, config, shards)
+    with model_turn(dispatched=should_dispatch(params.training_dispatch)):
+        trained = train_stage(stages, config, request, params)
 
-    request = TrainRequest(
-        model_path=plan.model_path, task=params.task, settings=config.settings, labels=config.labels,
-        train_shards=shards["train"], eval_shards=shards.get("validation", []),
-        checkpoint_dir=str(layout.checkpoints), adapter_dir=str(layout.model), logs_dir=str(layout.logs),
-        seed=params.seed,
-    )
-    trained = stages.run("train", train_adapter_task, config, request, params.gpu_concurrency_limit)
-
-    metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir, layout.eval / "metrics.json")
-    baseline = stages.run("baseline", evaluate_task, config, shards["test"], None, layout.eval / "baseline.json")
-    samples = stages.run("samples", samples_task, config, trained.adapter_dir, prepared.sample_prompts_path,
-                         layout.samples / "predictions.jsonl")
+    with model_turn():
+        metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir,
+                             layout.eval / "metrics.json")
+        samples = stages.run("samples", samples_task, config, trained.adapter_dir, data.prepared.sample_prompts_path,
+                             layout.samples / "predictions.jsonl")
 
     gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gates)}
     passed = all(gate.passed for gate in gates.values())
-    version = stages.run("register", register_task, params.registry_root, config, trained.adapter_dir, metrics, passed)
+    version = stages.run(
+        "register", register_task, params.registry_root, config, trained.adapter_dir, metrics, passed, registry_alias
+    ) if registry_alias else None
 
+    timings, cached = {**data.timings, **stages.timings}, {**data.cached, **stages.cached}
     result = RunResult(
         name=plan.name, status="passed" if passed else "failed_gates", task=params.task, model=params.model,
         model_path=plan.model_path,
-        passed=passed, metrics=metrics, baseline=baseline, gates=gates, adapter_path=trained.adapter_dir,
-        registry_version=version.version, registry_path=version.path, timings=stages.timings,
-        cached=stages.cached, cached_stages=[s for s, hit in stages.cached.items() if hit],
-        counts=prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
-        paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),
-               "samples": samples, "rejects": prepared.rejects_path, "manifest": prepared.manifest_path},
+        passed=passed, metrics=metrics, baseline=data.baseline, gates=gates, adapter_path=trained.adapter_dir,
+        registry_version=version.version if version else None, registry_path=version.path if version else None,
+        timings=timings, cached=cached, cached_stages=[s for s, hit in cached.items() if hit],
+        counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
+        paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"), "samples": samples,
+               "baseline": data.baseline_path, "rejects": data.prepared.rejects_path,
+               "manifest": data.prepared.manifest_path},
     )
     write_result(result, layout.result)
     publish_summary(result)
-    if not passed:
-        get_run_logger().error(failure_message(result))
-        return Failed(message=failure_message(result), data=result)
-    return Completed(message=f"{plan.name}: all gates passed", data=result)
+    return result
 
 
 if __name__ == "__main__":
     from flows.cli import run_from_command_line
 
-    raise SystemExit(run_from_command_line(single, SingleParams, demo_params))
+    raise SystemExit(run_from_command_line(single, SingleParams, demo_params, preflight=plan_run))

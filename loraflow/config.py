@@ -14,10 +14,19 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from loraflow.errors import ConfigError
 
@@ -53,6 +62,11 @@ def check_safe_name(name: str, what: str = "name") -> str:
     return name
 
 
+def safe_folder(what: str) -> AfterValidator:
+    """A field validator for names that become folders: `Annotated[str, safe_folder("dataset.name")]`."""
+    return AfterValidator(lambda name: check_safe_name(name, what))
+
+
 def name_from_path(path: str) -> str:
     """A dataset's default name: its file stem or folder name, made folder-safe."""
     stem = Path(path.rstrip("/\\")).name
@@ -69,7 +83,7 @@ class DatasetSpec(_Strict):
     """Where the data is and how to read it."""
 
     path: str = Field(description="A data file, or a directory of data files (read in name order).")
-    name: str | None = Field(
+    name: Annotated[str, safe_folder("dataset.name")] | None = Field(
         default=None, description="Folder name for this dataset's outputs; defaults to the file or folder name."
     )
     format: Literal["auto", "jsonl", "csv", "txt", "parquet"] = Field(
@@ -88,11 +102,6 @@ class DatasetSpec(_Strict):
     max_reject_fraction: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Fail when more than this share of rows is rejected."
     )
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value: str | None) -> str | None:
-        return None if value is None else check_safe_name(value, "dataset.name")
 
     @model_validator(mode="after")
     def _pair_prompt_and_completion(self) -> "DatasetSpec":
@@ -132,10 +141,10 @@ class TrainingSettings(_Strict):
     lora: LoraSettings
 
 
-class SingleParams(_Strict):
-    """Parameters of the `single` flow: one dataset to one registered adapter."""
+class RunSettings(_Strict):
+    """Everything about a run but its data: `single`'s parameters besides `dataset`, a batch's
+    defaults for each of its datasets, and the fixed part of a variations grid."""
 
-    dataset: DatasetSpec
     task: Task = Field(default="sequence-classification")
     model: str = Field(
         default="minilm",
@@ -158,6 +167,20 @@ class SingleParams(_Strict):
     gpu_concurrency_limit: str = Field(
         default="gpu", description="Global concurrency limit a training run holds a slot of."
     )
+    training_dispatch: Literal["auto", "inline", "deployment"] = Field(
+        default="auto",
+        description="Where training runs: `inline` in this process, `deployment` as a flow run of the training "
+        "deployment on the GPU work pool, `auto` = deployment when this run is itself a deployment run.",
+    )
+    training_job_variables: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Job variables for a dispatched training run, e.g. {'env': {'CUDA_VISIBLE_DEVICES': '1'}}.",
+    )
+    plan_only: bool = Field(
+        default=False,
+        description="Validate everything and return the execution plan (datasets, row counts, variants, "
+        "output paths, estimated steps, cached stages) without training.",
+    )
 
     @field_validator("gates")
     @classmethod
@@ -168,7 +191,7 @@ class SingleParams(_Strict):
         return gates
 
     @model_validator(mode="after")
-    def _preset_and_overrides_resolve(self) -> "SingleParams":
+    def _preset_and_overrides_resolve(self) -> "RunSettings":
         """Refuse a bad preset or override when the parameters are created, not minutes later."""
         try:
             resolve_training_settings(self.preset_name, self.overrides, self.task)
@@ -183,6 +206,151 @@ class SingleParams(_Strict):
     @property
     def registry_root(self) -> str:
         return self.registry_dir or str(Path(self.output_dir) / "registry")
+
+
+def _dataset_first(schema: dict[str, Any]) -> None:
+    """Pydantic lists inherited fields first; the deployment's form should open with the data."""
+    properties = schema["properties"]
+    schema["properties"] = {"dataset": properties.pop("dataset"), **properties}
+
+
+class SingleParams(RunSettings):
+    """Parameters of the `single` flow: one dataset to one registered adapter."""
+
+    model_config = ConfigDict(json_schema_extra=_dataset_first)
+
+    dataset: DatasetSpec
+
+
+DatasetOptions = create_model(
+    "DatasetOptions",
+    __base__=_Strict,
+    __doc__="How to read a batch's datasets: every `dataset` field but `path` and `name`.",
+    **{key: (field.annotation, field) for key, field in DatasetSpec.model_fields.items() if key not in ("path", "name")},
+)
+
+
+class BatchDataset(DatasetSpec):
+    """One dataset of a batch; its own task, model, preset, overrides and gates are optional."""
+
+    task: Task | None = Field(default=None, description="This dataset's task; the batch's when unset.")
+    model: str | None = Field(default=None, description="This dataset's base model; the batch's when unset.")
+    preset: str | None = Field(default=None, description="This dataset's preset; the batch's when unset.")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="Merged over the batch's overrides.")
+    gates: dict[str, float] | None = Field(default=None, description="Replace the batch's gates for this dataset.")
+
+
+_OWN_RUN_SETTINGS = ("task", "model", "preset", "overrides", "gates")
+
+
+class BatchParams(RunSettings):
+    """Parameters of the `batch` flow: many datasets, each through the `single` pipeline."""
+
+    name: Annotated[str, safe_folder("name")] = Field(
+        default="batch", description="Folder under output_dir for batch_result.json."
+    )
+    datasets: list[BatchDataset] = Field(
+        default_factory=list, description="The datasets: `dataset` specs, each optionally with its own settings."
+    )
+    datasets_dir: str | None = Field(
+        default=None, description="Or a folder whose data files and subfolders are the datasets (one each)."
+    )
+    dataset_options: DatasetOptions = Field(  # type: ignore[valid-type]
+        default_factory=DatasetOptions,
+        description="How to read every dataset (columns, format, splits); a dataset's own fields win.",
+    )
+    strategy: Literal["sequential", "parallel"] = Field(
+        default="parallel",
+        description="`parallel`: up to max_parallel datasets at once (training still queues on the GPU slots).",
+    )
+    max_parallel: int = Field(default=2, ge=1, description="Datasets in flight at once with `parallel`.")
+    continue_on_error: bool = Field(
+        default=True,
+        description="Finish every other dataset when one fails (the batch still ends Failed); else stop at the first.",
+    )
+
+    @model_validator(mode="after")
+    def _datasets_resolve(self) -> "BatchParams":
+        """Every dataset's settings resolve and no two datasets share a name, before anything runs."""
+        if bool(self.datasets) == bool(self.datasets_dir):
+            raise ValueError("give either `datasets` (a list of dataset specs) or `datasets_dir` (a folder), not both")
+        names = []
+        for index, entry in enumerate(self.datasets):
+            try:
+                names.append((f"datasets.{index}", self.single_params(entry).dataset.resolved_name))
+            except ValidationError as error:
+                raise ValueError(format_validation_error(error, f"datasets.{index}")) from None
+        check_dataset_names(names, self.name)
+        return self
+
+    @property
+    def parallelism(self) -> int:
+        return self.max_parallel if self.strategy == "parallel" else 1
+
+    def single_params(self, dataset: DatasetSpec) -> SingleParams:
+        """One dataset's `single` parameters: the batch's settings with the dataset's own on top."""
+        own = dataset.model_dump(exclude_unset=True, exclude_none=True)
+        settings = self.model_dump(include=set(RunSettings.model_fields))
+        settings.update({key: own.pop(key) for key in _OWN_RUN_SETTINGS if key in own})
+        settings["overrides"] = deep_merge(expand_dotted(self.overrides), expand_dotted(settings["overrides"]))
+        spec = {**self.dataset_options.model_dump(exclude_unset=True), **own}
+        return SingleParams(**settings, dataset=spec)
+
+
+def check_dataset_names(names: list[tuple[str, str]], batch_name: str) -> None:
+    """Datasets become folders side by side: `(where, name)` pairs must not collide with each other
+    or with the batch's own folder."""
+    seen: dict[str, str] = {}
+    for where, name in names:
+        if name == batch_name:
+            raise ValueError(f"{where}: dataset name {name!r} is the batch's own folder name; rename one of them")
+        if name in seen:
+            raise ValueError(
+                f"{where}: dataset name {name!r} is already used by {seen[name]}; give one of them a distinct `name`"
+            )
+        seen[name] = where
+
+
+class VariationsParams(SingleParams):
+    """Parameters of the `variations` flow: one dataset trained under a grid of settings, ranked by
+    `metric`; the best variant that passes its gates is registered and marked `best`."""
+
+    name: Annotated[str, safe_folder("name")] | None = Field(
+        default=None, description="Folder under output_dir for the variants and leaderboard; `<dataset>-variations`."
+    )
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict,
+        description="Preset keys, dotted (`lora.r`), to lists of values; every combination is one variant.",
+    )
+    zip: list[dict[str, list[Any]]] = Field(
+        default_factory=list,
+        description="Groups of preset keys whose value lists (of equal length) vary together, combined with the grid.",
+    )
+    name_template: str = Field(
+        default="{dataset}_{preset}_{variation}",
+        description="Each variant's folder and subflow run name. Placeholders: {dataset}, {preset}, {variation} "
+        "(the varied values, compact), {index} (1-based), and every varied key with '.' as '_' ({lora_r}).",
+    )
+    max_variations: int = Field(default=16, ge=1, description="Refuse a grid that expands to more variants.")
+    metric: str | None = Field(
+        default=None,
+        description="Metric the leaderboard ranks by (direction known); accuracy (classification), eval_loss (causal-LM).",
+    )
+
+    @model_validator(mode="after")
+    def _variants_expand(self) -> "VariationsParams":
+        """Expand the grid now: a bad key, value, count or name fails before anything runs."""
+        from loraflow.variations import expand_variations  # it builds on this module
+
+        try:
+            expand_variations(self)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+        return self
+
+    @property
+    def folder_name(self) -> str:
+        return self.name or f"{self.dataset.resolved_name}-variations"
 
 
 def _suggest(word: str, choices: Any) -> str:

@@ -10,20 +10,19 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 from pydantic import BaseModel
 
 from loraflow.config import SingleParams, TrainingSettings, resolve_training_settings
-from loraflow.errors import ConfigError, DataError
+from loraflow.data.prepare import PreparedDataset
+from loraflow.data.readers import source_files
+from loraflow.errors import ConfigError
 from loraflow.fingerprint import code_version, hash_json
 from loraflow.gates import metrics_for_task
 from loraflow.layout import RunLayout, atomic_write_text
 from loraflow.models import check_target_modules, model_identity, resolve_model
-
-if TYPE_CHECKING:
-    from loraflow.data.prepare import PreparedDataset
 
 class RunPlan(BaseModel):
     params: SingleParams
@@ -36,6 +35,10 @@ class RunPlan(BaseModel):
     @property
     def layout(self) -> RunLayout:
         return RunLayout(Path(self.root))
+
+    def create_layout(self) -> RunLayout:
+        """The run folder and its subfolders, made when training starts (a plan makes none)."""
+        return RunLayout.create(Path(self.root).parent, Path(self.root).name)
 
 
 class ResolvedConfig(BaseModel):
@@ -64,10 +67,15 @@ def _check_writable(output_dir: str) -> None:
     path = Path(output_dir).resolve()
     existing = next((p for p in (path, *path.parents) if p.exists()), None)
     if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output_dir: {output_dir!r} cannot be written ({existing} is not a writable folder)")
+        raise ConfigError(
+            f"output_dir: {output_dir!r} cannot be written ({existing} is not a writable folder); "
+            "choose another output_dir or make it writable"
+        )
 
 
-def plan_run(params: SingleParams) -> RunPlan:
+def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
+    """Checks, then the plan of one run, named after its dataset, in `<output_dir>/<name>` unless
+    `root` says otherwise (a variations grid keeps its shared data in its own folder)."""
     settings = resolve_training_settings(params.preset_name, params.overrides, params.task)
     unknown_gates = set(params.gates) - metrics_for_task(params.task)
     if unknown_gates:
@@ -75,24 +83,23 @@ def plan_run(params: SingleParams) -> RunPlan:
             f"gates: {sorted(unknown_gates)} are not produced by task {params.task!r}; "
             f"use {sorted(metrics_for_task(params.task))}"
         )
-    if not Path(params.dataset.path).exists():
-        raise DataError(f"dataset.path: {params.dataset.path!r} does not exist")
+    source_files(params.dataset.path, params.dataset.format)  # exists, and holds files of a known format
     model_path = resolve_model(params.model)
     check_target_modules(settings.lora.target_modules, model_path, params.task)
     _check_writable(params.output_dir)
     name = params.dataset.resolved_name
-    layout = RunLayout.create(params.output_dir, name)
+    root = Path(root or Path(params.output_dir) / name).resolve()
     return RunPlan(
         params=params,
         name=name,
         model_path=model_path,
         model_identity=model_identity(model_path),
         settings=settings,
-        root=str(layout.root),
+        root=str(root),
     )
 
 
-def resolve_config(plan: RunPlan, prepared: "PreparedDataset") -> ResolvedConfig:
+def resolve_config(plan: RunPlan, prepared: PreparedDataset) -> ResolvedConfig:
     settings = plan.settings
     train_rows = prepared.counts["train"]
     steps_per_epoch = max(1, math.ceil(train_rows / (settings.batch_size * settings.gradient_accumulation_steps)))
@@ -118,3 +125,89 @@ def write_resolved_config(config: ResolvedConfig, config_dir: str | Path) -> Pat
     document: dict[str, Any] = config.model_dump()
     document["fingerprint"] = config.fingerprint
     return atomic_write_text(Path(config_dir) / "resolved.yaml", yaml.safe_dump(document, sort_keys=False))
+
+
+class PreparedData(BaseModel):
+    """What every training run on one dataset shares: the prepared splits, their tokenised shards
+    (per `max_length`), the bare base model's metrics, and what producing them took."""
+
+    prepared: PreparedDataset
+    shards: dict[int, dict[str, list[str]]]
+    baseline: dict[str, Any]
+    baseline_path: str
+    timings: dict[str, float]
+    cached: dict[str, bool]
+
+
+# Execution plans: what a run would do, printed and returned by `plan_only` / `--plan`.
+CACHED, WILL_RUN, PREPARED_NOW = "cached", "will run", "prepared for this plan"
+
+
+class PlannedDataset(BaseModel):
+    name: str
+    path: str
+    data_dir: str = ""
+    counts: dict[str, int] = {}
+    stages: dict[str, str] = {}  # prepare, tokenize, baseline -> CACHED / WILL_RUN / PREPARED_NOW
+    error: str | None = None
+
+
+class PlannedRun(BaseModel):
+    """One training run: its name, what it varies, its resolved settings, folder and cost."""
+
+    name: str
+    dataset: str
+    output: str
+    values: dict[str, Any] = {}
+    settings: TrainingSettings | None = None
+    steps: int | None = None  # optimiser steps, from the prepared train split
+    stages: dict[str, str] = {}  # train, evaluate, samples, register -> CACHED / WILL_RUN
+
+
+class ExecutionPlan(BaseModel):
+    mode: str
+    name: str
+    output_dir: str
+    registry: str
+    outputs: dict[str, str]  # what the run writes besides the run folders (batch_result.json, leaderboard.csv)
+    datasets: list[PlannedDataset]
+    runs: list[PlannedRun]
+    notes: list[str] = []
+
+    @property
+    def errors(self) -> list[PlannedDataset]:
+        return [dataset for dataset in self.datasets if dataset.error]
+
+    def text(self) -> str:
+        """The plan as a person reads it: datasets, runs with their settings and cost, what is cached."""
+        lines = [f"plan: {self.mode} {self.name!r}: {len(self.runs)} training run(s); a plan trains nothing"]
+        for dataset in self.datasets:
+            lines.append(f"dataset {dataset.name}: {dataset.path}")
+            if dataset.error:
+                lines.append(f"  ERROR: {dataset.error}")
+                continue
+            lines.append("  rows: " + ", ".join(f"{split} {count}" for split, count in dataset.counts.items()))
+            lines.append(f"  data: {dataset.data_dir}  [{_stages(dataset.stages)}]")
+        for run in self.runs:
+            varied = " ".join(f"{key}={value}" for key, value in run.values.items())
+            lines.append(f"run {run.name}" + (f"  ({varied})" if varied else ""))
+            if run.settings is not None:
+                lines.append(f"  {settings_line(run.settings)}; {run.steps} optimiser steps")
+            lines.append(f"  -> {run.output}  [{_stages(run.stages)}]")
+        lines += [f"{what}: {path}" for what, path in self.outputs.items()]
+        return "\n".join([*lines, f"registry: {self.registry}", *self.notes])
+
+
+def settings_line(settings: TrainingSettings) -> str:
+    lora = settings.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    return (
+        f"lr {settings.learning_rate:g}, epochs {settings.num_epochs:g}, batch {settings.batch_size}"
+        f"x{settings.gradient_accumulation_steps}, max_length {settings.max_length}, "
+        f"LoRA r {lora.r} alpha {lora.alpha:g} dropout {lora.dropout:g} on {targets}"
+    )
+
+
+def _stages(stages: dict[str, str]) -> str:
+    return ", ".join(f"{stage} {status}" for stage, status in stages.items())
+

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import io
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from loraflow.errors import LoraflowError
 from loraflow.gates import GateVerdict
-from loraflow.layout import atomic_write_json
+from loraflow.layout import atomic_write_json, atomic_write_text
 
 
 class RunResult(BaseModel):
@@ -39,7 +42,8 @@ class RunResult(BaseModel):
         return [gate for gate in self.gates.values() if not gate.passed]
 
 
-def write_result(result: RunResult, path: str | Path) -> Path:
+def write_result(result: BaseModel, path: str | Path) -> Path:
+    """`result.json`, `batch_result.json`, `variations_result.json`: written atomically."""
     return atomic_write_json(path, result.model_dump())
 
 
@@ -97,3 +101,96 @@ def summary_markdown(result: RunResult) -> str:
         f"Registry version: {result.registry_version}  ",
         f"Result file: `{result.paths.get('result', '')}`",
     ])
+
+
+class RunOutcome(BaseModel):
+    """One run of a batch or a variations grid as the aggregate result and its table show it."""
+
+    name: str
+    status: Literal["passed", "failed_gates", "error", "skipped"]
+    dataset: str | None = None  # batch: the data path
+    values: dict[str, Any] = Field(default_factory=dict)  # variations: the varied settings
+    metrics: dict[str, float] = Field(default_factory=dict)
+    gates: dict[str, GateVerdict] = Field(default_factory=dict)
+    seconds: float | None = None
+    timings: dict[str, float] = Field(default_factory=dict)
+    cached_stages: list[str] = Field(default_factory=list)
+    adapter_path: str | None = None
+    registry_version: int | None = None
+    result_path: str | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(
+        cls, name: str, outcome: "RunResult | BaseException | None", shared_stages: tuple[str, ...] = (), **extra: Any
+    ) -> "RunOutcome":
+        """From what a run returned: its result, the exception it failed with, or None (never started).
+        `seconds` leaves out `shared_stages`, work the run shared with its siblings."""
+        if outcome is None:
+            return cls(name=name, status="skipped", **extra)
+        if isinstance(outcome, BaseException):
+            return cls(name=name, status="error", error=error_line(outcome), **extra)
+        return cls(
+            name=name, status=outcome.status, metrics=scalar_metrics(outcome.metrics), gates=outcome.gates,
+            seconds=round(sum(s for stage, s in outcome.timings.items() if stage not in shared_stages), 3),
+            timings=outcome.timings, cached_stages=outcome.cached_stages, adapter_path=outcome.adapter_path,
+            registry_version=outcome.registry_version, result_path=outcome.paths.get("result"), **extra,
+        )
+
+    @property
+    def failed(self) -> bool:
+        return self.status in ("failed_gates", "error")
+
+    @property
+    def reason(self) -> str:
+        """Why it failed, in one line."""
+        if self.status == "failed_gates":
+            return "quality gates failed: " + "; ".join(gate_line(g) for g in self.gates.values() if not g.passed)
+        return self.error or self.status
+
+
+def error_line(error: BaseException) -> str:
+    """A loraflow error is already the one line a user needs; anything else gets its type."""
+    text = str(error).strip()
+    return text if isinstance(error, LoraflowError) else f"{type(error).__name__}: {text}"
+
+
+def outcome_line(outcome: RunOutcome, width: int = 0) -> str:
+    """`name  status  metrics  varied values  time  registry version`, or the error; `width` aligns names."""
+    head = f"{outcome.name:<{width}}  {outcome.status.upper():<12}"
+    if outcome.status in ("error", "skipped"):
+        return f"{head}  {outcome.reason if outcome.error else 'not started'}"
+    parts = [head, *(f"{k} {_fmt(v)}" for k, v in outcome.metrics.items())]
+    parts += [f"{key}={value}" for key, value in outcome.values.items()]
+    parts.append(f"{outcome.seconds:.1f}s")
+    if outcome.registry_version is not None:
+        parts.append(f"registry v{outcome.registry_version}")
+    return "  ".join(parts)
+
+
+def outcome_table(outcomes: list[RunOutcome]) -> list[dict[str, Any]]:
+    """Flat rows with the same columns: varied values, metrics, gate verdicts, time, paths, error."""
+    columns = {
+        part: list(dict.fromkeys(key for outcome in outcomes for key in getattr(outcome, part)))
+        for part in ("values", "metrics", "gates")
+    }
+    rows = []
+    for outcome in outcomes:
+        row: dict[str, Any] = {"name": outcome.name, "status": outcome.status}
+        row.update({key: outcome.values.get(key) for key in columns["values"]})
+        row.update({key: outcome.metrics.get(key) for key in columns["metrics"]})
+        for key in columns["gates"]:
+            gate = outcome.gates.get(key)
+            row[f"gate {key}"] = None if gate is None else ("pass" if gate.passed else "FAIL")
+        row.update(seconds=outcome.seconds, adapter=outcome.adapter_path,
+                   registry_version=outcome.registry_version, error=outcome.error)
+        rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]) if rows else ["name"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return atomic_write_text(path, buffer.getvalue())

@@ -6,6 +6,7 @@ from prefect import get_run_logger, task
 
 from loraflow.plan import ResolvedConfig
 from loraflow.registry import Registry, RegistryVersion
+from tasks import events
 from tasks.policies import RETRY_DELAYS, adapter_fingerprint, fingerprint_key, retry_transient_only
 
 PROMOTED_ALIAS = "production"
@@ -18,6 +19,7 @@ def _register_key(context, parameters) -> str:
         adapter_fingerprint(parameters["adapter_dir"]),
         parameters["registry_root"],
         parameters["passed"],
+        parameters["alias"],
     )
 
 
@@ -29,10 +31,12 @@ def _register_key(context, parameters) -> str:
     cache_key_fn=_register_key,
 )
 def register_task(
-    registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool
+    registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool,
+    alias: str = PROMOTED_ALIAS,
 ) -> RegistryVersion:
     """Register a version keyed by the config fingerprint (idempotent: identical inputs never
-    add a version) and point the `production` alias at it only when every gate passed."""
+    add a version) and point `alias` (`production`; `best` for a variations winner) at it only
+    when every gate passed."""
     registry = Registry(registry_root)
     card = {
         "task": config.task,
@@ -47,6 +51,7 @@ def register_task(
     logger = get_run_logger()
     logger.info(f"{'registered' if created else 'already registered as'} {config.name} v{version.version}")
     if passed:
-        registry.promote(config.name, version.version, PROMOTED_ALIAS)
-        logger.info(f"{config.name}: alias {PROMOTED_ALIAS!r} -> v{version.version}")
+        registry.promote(config.name, version.version, alias)
+        logger.info(f"{config.name}: alias {alias!r} -> v{version.version}")
+    events.model_registered(version)
     return version

@@ -1,12 +1,19 @@
-"""Publish a run's summary where Prefect users look: the run's Artifacts tab."""
+"""Publish what runs produce where Prefect users look: the run's Artifacts tab."""
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
-from prefect.artifacts import create_markdown_artifact
+from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.states import Completed, Failed, State
 
-from loraflow.report import RunResult, summary_markdown
+from loraflow.batch import BatchResult
+from loraflow.plan import ExecutionPlan
+from loraflow.report import RunResult, outcome_table, summary_markdown, write_csv, write_result
+from loraflow.variations import VariationsResult
+from tasks import events
 
 
 def artifact_key(*parts: str) -> str:
@@ -20,3 +27,43 @@ def publish_summary(result: RunResult) -> None:
         key=artifact_key(result.name, "summary"),
         description=f"loraflow {result.name}: metrics, baseline, gates and timings",
     )
+    events.gates_checked(result)
+
+
+def publish_batch(result: BatchResult) -> None:
+    """`batch_result.json`, and every dataset's row as a table artifact."""
+    write_result(result, result.paths["batch_result"])
+    create_table_artifact(table=outcome_table(result.datasets), key=artifact_key(result.name, "batch"),
+                          description=f"loraflow batch {result.name}: every dataset's status, metrics and gates")
+
+
+def publish_leaderboard(result: VariationsResult) -> None:
+    """`leaderboard.csv`, `variations_result.json`, and the leaderboard as a table artifact."""
+    rows = outcome_table(result.leaderboard)
+    write_csv(rows, result.paths["leaderboard"])
+    write_result(result, result.paths["variations_result"])
+    create_table_artifact(table=rows, key=artifact_key(result.name, "leaderboard"),
+                          description=f"loraflow variations {result.name}: variants ranked by {result.metric}")
+
+
+def plan_state(plan: ExecutionPlan) -> State:
+    """End a `plan_only` run with its plan (also a Markdown artifact): Completed, or Failed naming
+    the datasets that could not be planned."""
+    create_markdown_artifact(
+        markdown=f"```\n{plan.text()}\n```", key=artifact_key(plan.name, "plan"),
+        description=f"loraflow {plan.mode} {plan.name}: execution plan (nothing trained)",
+    )
+    if plan.errors:
+        problems = "; ".join(f"{dataset.name}: {dataset.error}" for dataset in plan.errors)
+        return final_state(plan, f"plan: {len(plan.errors)} dataset(s) cannot run: {problems}", failed=True)
+    return final_state(plan, f"plan only: {len(plan.runs)} training run(s) planned, nothing trained", failed=False)
+
+
+def final_state(data: Any, message: str, failed: bool) -> State:
+    """A flow run's end: Completed, or Failed with `message` (also logged as an error); `data` is
+    what `state.result()` gives a caller either way."""
+    if failed:
+        get_run_logger().error(message)
+        return Failed(message=message, data=data)
+    get_run_logger().info(message)
+    return Completed(message=message, data=data)

@@ -93,7 +93,8 @@ def test_plan_checks_model_targets_gates_and_paths(tmp_path):
     data.write_text("text,label\nhello,a\n")
     base = {"dataset": {"path": str(data)}, "output_dir": str(tmp_path / "out")}
     plan = plan_run(SingleParams(**base))
-    assert plan.model_path == resolve_model("minilm") and (tmp_path / "out" / "d" / "model").is_dir()
+    assert plan.model_path == resolve_model("minilm") and plan.root == str(tmp_path / "out" / "d")
+    assert not (tmp_path / "out").exists()  # checks make no folders: a plan-only run leaves none behind
 
     cases = [
         ({"overrides": {"lora.target_modules": ["q_proj"]}}, "lora.target_modules: ['q_proj'] not found"),

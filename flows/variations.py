@@ -1,0 +1,97 @@
+"""variations: one dataset trained under a grid of settings; prepared once, ranked, best registered.
+
+    python flows/variations.py                      # demo: learning rate x LoRA rank on topics, offline
+    python flows/variations.py params.yaml          # your grid (YAML or JSON, see README)
+    python flows/variations.py params.yaml --plan   # every variant's name, settings and steps; train nothing
+
+The dataset is prepared and tokenised once (`prepare_data`); each variant then trains and
+evaluates as its own subflow run named by `name_template`, as many at once as the GPU
+concurrency limit has slots. `leaderboard.csv` (and a table artifact) ranks them by
+`metric`; the best variant that passes its gates is registered under the dataset's name
+with the alias `best`. The run ends Failed when no variant passed or a variant broke.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from prefect import flow
+from prefect.states import State
+
+from flows.single import prepare_data, train_evaluate
+from loraflow.config import VariationsParams
+from loraflow.plan import PreparedData, RunPlan, resolve_config
+from loraflow.registry import RegistryVersion
+from loraflow.report import RunOutcome
+from loraflow.variations import (
+    BEST_ALIAS,
+    VariationsResult,
+    best_variant,
+    leaderboard,
+    rank_metric,
+    variant_plans,
+)
+from tasks.pipeline import result_storage
+from tasks.plans import plan_variations
+from tasks.registry import register_task
+from tasks.reporting import final_state, plan_state, publish_leaderboard
+from tasks.stages import StageRecorder
+from tasks.subflows import gpu_slots, run_subflows, subflow_outcome
+
+SAMPLE = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data" / "topics.csv"
+
+
+def demo_params(output_dir: str = "runs") -> VariationsParams:
+    """The offline demo: a 2x2 grid (learning rate x LoRA rank) of short MiniLM runs on topics."""
+    return VariationsParams(
+        dataset={"path": str(SAMPLE)},
+        grid={"learning_rate": [0.001, 0.003], "lora.r": [4, 8]},
+        overrides={"num_epochs": 2},
+        gates={"accuracy": 0.85},
+        output_dir=output_dir,
+    )
+
+
+@flow(name="variations", description="One dataset under a grid of settings: prepared once, ranked, best registered.")
+def variations(params: VariationsParams) -> State:
+    base, variants = variant_plans(params)
+    if params.plan_only:
+        return plan_state(plan_variations(params, base, variants))
+
+    data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+    calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
+                                   return_state=True) for variant, plan in variants}
+    states = run_subflows(calls, gpu_slots(params.gpu_concurrency_limit), stop_on_failure=False)
+
+    metric = rank_metric(params)
+    ranked = leaderboard([RunOutcome.of(variant.name, subflow_outcome(states.get(variant.name)), tuple(data.timings),
+                                        values=variant.values) for variant, _ in variants], metric)
+    best = best_variant(ranked)
+    plans = {variant.name: plan for variant, plan in variants}
+    version = register_best(plans[best.name], data, best) if best else None
+
+    result = VariationsResult(
+        name=params.folder_name, dataset=base.name, metric=metric, leaderboard=ranked,
+        best=best.name if best else None, registry_name=version.name if version else None,
+        registry_version=version.version if version else None,
+        prepared={"data_dir": data.prepared.data_dir, "timings": data.timings, "cached": data.cached},
+        paths={"leaderboard": str(base.layout.root / "leaderboard.csv"),
+               "variations_result": str(base.layout.root / "variations_result.json")},
+    )
+    publish_leaderboard(result)
+    return final_state(result, result.message, failed=not result.ok)
+
+
+def register_best(plan: RunPlan, data: PreparedData, best: RunOutcome) -> RegistryVersion:
+    """Register the winning adapter under the dataset's name and point `best` at it."""
+    config = resolve_config(plan, data.prepared).model_copy(update={"name": data.prepared.name})
+    stages = StageRecorder(result_storage(plan.params))
+    return stages.run("register", register_task, plan.params.registry_root, config, best.adapter_path, best.metrics,
+                      True, BEST_ALIAS)
+
+
+if __name__ == "__main__":
+    from flows.cli import run_from_command_line
+
+    raise SystemExit(run_from_command_line(variations, VariationsParams, demo_params, preflight=variant_plans))

@@ -1,0 +1,78 @@
+"""Pieces of the pipeline shared by the flows and their plans.
+
+A plan asks the cache whether each stage would be served from it, so it must compute the
+very arguments the run passes each task: where results are stored, where shards land, and
+the training request. `model_turn` keeps concurrent subflows (a batch's datasets, a grid's
+variants) from loading or running models in one process at the same time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+from loraflow.config import RunSettings
+from loraflow.data.prepare import PreparedDataset
+from loraflow.data.tokenize import plan_shards, shard_file_name, shard_paths_by_split
+from loraflow.plan import ResolvedConfig, RunPlan
+from loraflow.train.trainer import TrainRequest
+from tasks.data import dask_task_runner, tokenize_dataset
+from tasks.stages import StageRecorder
+
+RESULT_STORAGE_DIRNAME = ".loraflow-cache"
+_MODEL_WORK = threading.Lock()
+
+
+@contextmanager
+def model_turn(dispatched: bool = False) -> Iterator[None]:
+    """Run model work (checking, loading, training, evaluating) one subflow at a time in this
+    process: transformers patches process-global torch state while it builds a model (default
+    dtype, meta-device creation, weight tying), so a load beside another load or a training in
+    a sibling thread corrupts both. Training `dispatched` to a GPU worker runs elsewhere."""
+    with nullcontext() if dispatched else _MODEL_WORK:
+        yield
+
+
+def result_storage(params: RunSettings) -> Path:
+    """Prefect result storage, where the cache lives: shared by every run under one output root."""
+    return Path(params.output_dir).resolve() / RESULT_STORAGE_DIRNAME
+
+
+def tokens_dir(plan: RunPlan) -> Path:
+    return plan.layout.data / "tokens"
+
+
+def tokenize_stage_name(plan: RunPlan, max_length: int) -> str:
+    """`tokenize`, or `tokenize-<max_length>` for an extra length a variations grid asks for."""
+    return "tokenize" if max_length == plan.settings.max_length else f"tokenize-{max_length}"
+
+
+def tokenize_stage(stages: StageRecorder, plan: RunPlan, prepared: PreparedDataset, max_length: int) -> dict:
+    """Tokenise every split at `max_length` on Dask; returns the shard paths per split."""
+    params = plan.params
+    tokenize = tokenize_dataset.with_options(task_runner=dask_task_runner(params.dask_address, prepared))
+    with stages.timed(tokenize_stage_name(plan, max_length)) as stage:
+        shards, stage.cached = tokenize(
+            prepared, plan.model_path, params.task, max_length, params.shard_size, tokens_dir(plan),
+            stages.result_storage,
+        )
+    return shards
+
+
+def expected_shards(plan: RunPlan, prepared: PreparedDataset, max_length: int) -> dict[str, list[str]]:
+    """The shard paths tokenisation will return, without tokenising (file names are content hashes)."""
+    shards = plan_shards(prepared, plan.params.shard_size)
+    names = [shard_file_name(shard, plan.model_path, plan.params.task, max_length) for shard in shards]
+    return shard_paths_by_split([str(tokens_dir(plan) / name) for name in names])
+
+
+def train_request(plan: RunPlan, config: ResolvedConfig, shards: dict[str, list[str]]) -> TrainRequest:
+    layout = plan.layout
+    return TrainRequest(
+        model_path=plan.model_path, task=plan.params.task, settings=config.settings, labels=config.labels,
+        train_shards=shards["train"], eval_shards=shards.get("validation", []),
+        checkpoint_dir=str(layout.checkpoints), adapter_dir=str(layout.model), logs_dir=str(layout.logs),
+        seed=plan.params.seed,
+    )

@@ -1,0 +1,68 @@
+"""Run subflows side by side: a batch's datasets, a variations grid's variants.
+
+Each subflow is called from inside a task on a thread pool. Prefect gives a subflow started
+from a task its own run key, so concurrent siblings never collide, and each still shows in
+the UI as its own flow run (named by the caller) under the parent. What overlaps is the CPU
+work (reading, preparing, tokenising); training queues on the global GPU slots, and model
+work takes turns within the process (`tasks.pipeline.model_turn`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, wait
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tasks.training import ensure_concurrency_limit
+
+
+@task(name="subflow", cache_policy=NO_CACHE)
+def _run_subflow(call: Callable[[], State]) -> State:
+    """The task ends in the subflow's state type (Failed when it failed); its result is the subflow's state."""
+    return call()
+
+
+def run_subflows(calls: dict[str, Callable[[], State]], max_parallel: int, stop_on_failure: bool) -> dict[str, State]:
+    """Run each `name -> call` (a subflow call with `return_state=True`), in order, up to
+    `max_parallel` at once. With `stop_on_failure`, nothing new starts after a failure (runs
+    in flight finish); the calls never started are missing from the returned states."""
+    queue, in_flight, states = list(calls.items()), {}, {}
+    with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
+        while queue or in_flight:
+            stopping = stop_on_failure and any(not state.is_completed() for state in states.values())
+            while queue and len(in_flight) < max_parallel and not stopping:
+                name, call = queue.pop(0)
+                future = runner.submit(_run_subflow.with_options(task_run_name=f"run-{name}"), {"call": call})
+                in_flight[future.wrapped_future] = (name, future)
+            if not in_flight:
+                break
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for finished in done:
+                name, future = in_flight.pop(finished)
+                future.wait()
+                state = future.state.result(raise_on_failure=False)
+                if isinstance(state, BaseException):  # the wrapping task broke, not the subflow
+                    raise state
+                states[name] = state
+    if len(states) < len(calls):
+        get_run_logger().warning(f"stopped after a failure; not started: {', '.join(n for n in calls if n not in states)}")
+    return states
+
+
+def gpu_slots(limit: str) -> int:
+    """How many trainings may run at once: the slots of the global concurrency limit `limit`."""
+    ensure_concurrency_limit(limit)
+    with get_client(sync_client=True) as client:
+        return max(1, client.read_global_concurrency_limit_by_name(limit).limit)
+
+
+def subflow_outcome(state: State | None) -> Any:
+    """What a subflow run returned (its result also when it failed its gates), the exception it
+    failed with, or None when it never started."""
+    return None if state is None else state.result(raise_on_failure=False)
