@@ -13,6 +13,7 @@ from loraflow.config import DatasetSpec
 from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
 from loraflow.data.tokenize import Shard, plan_shards, shard_paths_by_split, tokenize_shard
 from loraflow.models import model_identity
+from tasks import events
 from tasks.policies import RETRY_DELAYS, RETRY_JITTER, fingerprint_key, retry_transient_only
 
 # distributed sets its own loggers to INFO when imported (above); its per-worker start-up
@@ -45,6 +46,7 @@ def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path, seed: int
     prepared = prepare_dataset(spec, task, data_dir, seed=seed)
     counts = ", ".join(f"{split} {count}" for split, count in prepared.counts.items())
     get_run_logger().info(f"prepared {prepared.name}: {counts}; rejects in {prepared.rejects_path}")
+    events.dataset_prepared(prepared)
     return prepared
 
 
@@ -73,18 +75,26 @@ def tokenize_shard_task(shard: Shard, tokenizer_path: str, task: str, max_length
     return tokenize_shard(shard, tokenizer_path, task, max_length, out_dir)
 
 
-def dask_task_runner(address: str | None) -> DaskTaskRunner:
+# Worker processes pay off only on big data: each spawned worker first imports the flow's
+# modules (torch, transformers), 10-70 s on 2 busy cores against 0.2 s to tokenise the demo,
+# and on 2 cores they did not beat threads even at 1M short rows (benchmarks/RESULTS.md).
+PROCESS_CLUSTER_MIN_BYTES = 256 * 2**20
+
+
+def dask_task_runner(address: str | None, prepared: PreparedDataset | None = None) -> DaskTaskRunner:
     """An existing cluster when given; else a local one.
 
     With no Prefect server configured (`PREFECT_API_URL` unset), every Dask worker *process*
     would start its own temporary Prefect server on the same SQLite file, so the local
-    cluster uses threads (fast tokenizers release the GIL). With a server, processes.
+    cluster uses threads (fast tokenizers release the GIL). With a server, processes, once
+    the `prepared` splits hold PROCESS_CLUSTER_MIN_BYTES (or their size is not given).
     """
     if address:
         return DaskTaskRunner(address=address)
     # No dashboard: nobody watches it for a seconds-long job, and concurrent runs would fight over its port.
     local = {"dashboard_address": None}
-    if os.environ.get("PREFECT_API_URL"):
+    size = None if prepared is None else sum(os.path.getsize(path) for path in prepared.splits.values())
+    if os.environ.get("PREFECT_API_URL") and (size is None or size >= PROCESS_CLUSTER_MIN_BYTES):
         return DaskTaskRunner(cluster_kwargs={**local, "n_workers": 2, "threads_per_worker": 1, "processes": True})
     return DaskTaskRunner(cluster_kwargs={**local, "n_workers": 1, "threads_per_worker": 2, "processes": False})
 
