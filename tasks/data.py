@@ -14,7 +14,7 @@ from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_finge
 from loraflow.data.tokenize import Shard, plan_shards, shard_paths_by_split, tokenize_shard
 from loraflow.models import model_identity
 from tasks import events
-from tasks.policies import RETRY_DELAYS, RETRY_JITTER, fingerprint_key, retry_transient_only
+from tasks.policies import fingerprint_key, transient_retries
 
 # distributed sets its own loggers to INFO when imported (above); its per-worker start-up
 # lines would bury the run's logs.
@@ -28,14 +28,7 @@ def _prepare_key(context, parameters) -> str:
     )
 
 
-@task(
-    name="prepare-dataset",
-    retries=2,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=_prepare_key,
-)
+@task(name="prepare-dataset", cache_key_fn=_prepare_key, **transient_retries())
 def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path, seed: int) -> PreparedDataset:
     """Read, validate, normalise, dedupe and split the dataset.
 
@@ -62,13 +55,7 @@ def _tokenize_key(context, parameters) -> str:
     )
 
 
-@task(
-    name="tokenize-shard",
-    retries=2,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=_tokenize_key,
-)
+@task(name="tokenize-shard", cache_key_fn=_tokenize_key, **transient_retries())
 def tokenize_shard_task(shard: Shard, tokenizer_path: str, task: str, max_length: int, out_dir: Path) -> str:
     """Tokenise one shard to parquet. One task per shard (thousands of rows), never per row:
     a Prefect task costs ~0.1 s on Dask, so shards must carry seconds of work each."""

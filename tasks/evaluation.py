@@ -10,7 +10,7 @@ from loraflow.evaluate import evaluate_model
 from loraflow.layout import atomic_write_json
 from loraflow.plan import ResolvedConfig
 from loraflow.samples import run_sample_prompts
-from tasks.policies import RETRY_DELAYS, adapter_fingerprint, fingerprint_key, retry_transient_only
+from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
 
 
 def _evaluate_key(context, parameters) -> str:
@@ -23,13 +23,7 @@ def _evaluate_key(context, parameters) -> str:
     )
 
 
-@task(
-    name="evaluate",
-    retries=1,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=_evaluate_key,
-)
+@task(name="evaluate", cache_key_fn=_evaluate_key, **transient_retries(1))
 def evaluate_task(config: ResolvedConfig, test_shards: list[str], adapter_dir: str | None, out_path: Path) -> dict:
     """Metrics on the held-out test split; `adapter_dir=None` evaluates the bare base model
     (the baseline). Cached on the adapter's bytes and the test shards, so a retrained
@@ -54,7 +48,7 @@ def _samples_key(context, parameters) -> str:
     )
 
 
-@task(name="sample-predictions", retries=1, retry_condition_fn=retry_transient_only, cache_key_fn=_samples_key)
+@task(name="sample-predictions", cache_key_fn=_samples_key, **transient_retries(1))
 def samples_task(config: ResolvedConfig, adapter_dir: str, prompts_path: str, out_path: Path) -> str:
     """Run the held-out sample prompts through the adapter so a person can eyeball its output."""
     rows = run_sample_prompts(

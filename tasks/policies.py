@@ -44,6 +44,16 @@ def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+def transient_retries(retries: int = 2) -> dict[str, Any]:
+    """The retry options of every loraflow task: transient failures only, exponential backoff with jitter."""
+    return {
+        "retries": retries,
+        "retry_delay_seconds": RETRY_DELAYS,
+        "retry_jitter_factor": RETRY_JITTER,
+        "retry_condition_fn": retry_transient_only,
+    }
+
+
 def fingerprint_key(stage: str, *parts: Any) -> str:
     """A cache key: the stage, the code version and the content fingerprints of its inputs."""
     return f"loraflow-{stage}-{hash_json([stage, code_version(), *parts])[:32]}"

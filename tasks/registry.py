@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from loraflow.plan import ResolvedConfig
 from loraflow.registry import Registry, RegistryVersion
 from tasks import events
-from tasks.policies import RETRY_DELAYS, adapter_fingerprint, fingerprint_key, retry_transient_only
+from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
 
 PROMOTED_ALIAS = "production"
 
@@ -23,13 +23,7 @@ def _register_key(context, parameters) -> str:
     )
 
 
-@task(
-    name="register-adapter",
-    retries=2,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=_register_key,
-)
+@task(name="register-adapter", cache_key_fn=_register_key, **transient_retries())
 def register_task(
     registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool,
     alias: str = PROMOTED_ALIAS,

@@ -33,7 +33,7 @@ from loraflow.errors import TrainingStopped
 from loraflow.layout import atomic_write_json
 from loraflow.plan import ResolvedConfig
 from loraflow.train.trainer import ProgressUpdate, TrainRequest, TrainResult, train_adapter
-from tasks.policies import RETRY_DELAYS, RETRY_JITTER, fingerprint_key, retry_transient_only
+from tasks.policies import fingerprint_key, transient_retries
 
 SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
 
@@ -183,14 +183,7 @@ def _train_key(context, parameters) -> str:
     return fingerprint_key("train", config.fingerprint, request.train_shards, request.eval_shards, request.adapter_dir)
 
 
-@task(
-    name="train-lora",
-    retries=2,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_jitter_factor=RETRY_JITTER,
-    retry_condition_fn=retry_transient_only,
-    cache_key_fn=_train_key,
-)
+@task(name="train-lora", cache_key_fn=_train_key, **transient_retries())
 def train_adapter_task(config: ResolvedConfig, request: TrainRequest, concurrency_limit: str) -> TrainResult:
     """Train the adapter while holding one slot of the global `concurrency_limit`.
 
