@@ -244,8 +244,20 @@ def test_reject_fraction_bound(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     message = error_of(tmp_path, path, max_reject_fraction=0.3)
     assert "6 of 16 rows rejected" in message and "dataset.max_reject_fraction" in message
-    assert str(tmp_path / "out" / "rejects.jsonl") in message
-    assert len(rejects(tmp_path / "out" / "rejects.jsonl")) == 6  # written before failing
+    assert str(tmp_path / "out" / "failed-run.rejects.jsonl") in message
+    assert len(rejects(tmp_path / "out" / "failed-run.rejects.jsonl")) == 6  # written before failing
+    assert not (tmp_path / "out" / "rejects.jsonl").exists()  # reserved for a run whose data is usable
+
+
+def test_a_failing_preparation_leaves_the_earlier_rejects_file_alone(tmp_path):
+    good = write_jsonl(tmp_path / "data.jsonl", labelled_rows(40) + [{"text": "", "label": "pos"}])
+    prepared = prepare(tmp_path, good)
+    before = Path(prepared.rejects_path).read_bytes()
+    write_jsonl(good, labelled_rows(10) + [{"text": "", "label": "pos"}] * 30)
+    with pytest.raises(DataError):
+        prepare(tmp_path, good)
+    assert Path(prepared.rejects_path).read_bytes() == before
+    assert len(rejects(tmp_path / "out" / "failed-run.rejects.jsonl")) == 30
 
 
 def test_no_usable_rows(tmp_path):

@@ -231,16 +231,23 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path, seed: in
     data_dir = Path(data_dir)
     paths = {split: data_dir / f"{split}.jsonl" for split in SPLITS}
     rejects_path = data_dir / "rejects.jsonl"
+    # A failing run keeps its rejects apart, so an earlier good run's rejects.jsonl stays true to its data.
+    failed_rejects_path = data_dir / "failed-run.rejects.jsonl"
     collector = _Collector(spec, task, columns)
     _collect(collector, files, columns, spec.max_rows)
-    atomic_write_bytes(rejects_path, _jsonl_bytes(collector.rejects))
-    _check_rejects(collector, spec, rejects_path)
-
-    labels = _label_order({values[1] for _, values in collector.rows}) if collector.classification else None
-    by_split = _split(collector.rows, spec)
-    if labels is not None:
-        _check_classes(by_split, labels, collector)
-    _check_splits(by_split, spec)
+    rejects_payload = _jsonl_bytes(collector.rejects)
+    try:
+        _check_rejects(collector, spec, failed_rejects_path)
+        labels = _label_order({values[1] for _, values in collector.rows}) if collector.classification else None
+        by_split = _split(collector.rows, spec)
+        if labels is not None:
+            _check_classes(by_split, labels, collector)
+        _check_splits(by_split, spec)
+    except DataError:
+        atomic_write_bytes(failed_rejects_path, rejects_payload)
+        raise
+    atomic_write_bytes(rejects_path, rejects_payload)
+    failed_rejects_path.unlink(missing_ok=True)
 
     make_row = _row_maker(labels, collector.prompt_completion)
     payloads = {split: _jsonl_bytes([make_row(values) for _, values in by_split[split]]) for split in SPLITS}
