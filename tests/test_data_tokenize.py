@@ -73,6 +73,22 @@ def test_plan_shards_covers_every_row_once(classification):
     assert len({s.fingerprint for s in shards}) == len(shards)
 
 
+def test_shards_also_stop_at_a_byte_budget(monkeypatch, tmp_path, classification):
+    """Long rows make short shards, so one task's token lists stay small whatever shard_size says."""
+    import loraflow.data.tokenize as tokenize
+
+    monkeypatch.setattr(tokenize, "SHARD_MAX_BYTES", 400)
+    train = Path(classification.splits["train"]).read_bytes().splitlines(keepends=True)
+    shards = [s for s in plan_shards(classification, shard_size=1000) if s.split == "train"]
+    assert len(shards) > 1
+    assert [s.start for s in shards] == [0, *(s.stop for s in shards[:-1])] and shards[-1].stop == len(train)
+    for shard in shards:
+        size = sum(map(len, train[shard.start:shard.stop]))
+        assert size <= 400 or shard.stop - shard.start == 1
+        assert shard.offset == sum(map(len, train[:shard.start]))
+        assert pq.read_table(tokenize_shard(shard, str(bundled_minilm_dir()), CLS, 16, tmp_path)).num_rows == shard.stop - shard.start
+
+
 def test_empty_split_gets_one_empty_shard(tmp_path, classification):
     empty = tmp_path / "validation.jsonl"
     empty.write_text("")
@@ -97,6 +113,22 @@ def test_classification_shard_with_minilm(tmp_path, classification):
     assert max(len(r["input_ids"]) for r in rows) == 12  # long rows were truncated
     assert [r["labels"] for r in rows] == [s["label_id"] for s in source]
     assert list(Path(tmp_path).glob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize("truncation_side", ["right", "left"])
+def test_shard_tokens_are_what_the_transformers_tokenizer_gives(tmp_path, classification, truncation_side):
+    """The shard encoder calls the Rust tokenizer directly; it must agree with `tokenizer(...)`
+    on special tokens and on which end long rows are cut from."""
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(bundled_minilm_dir(), truncation_side=truncation_side)
+    reference.save_pretrained(tmp_path / "minilm")
+    shard = plan_shards(classification, 1000)[0]
+    rows = pq.read_table(tokenize_shard(shard, str(tmp_path / "minilm"), CLS, 12, tmp_path / "tok")).to_pylist()
+    expected = reference([row["text"] for row in read_jsonl(shard.source)], truncation=True, max_length=12)
+    assert [row["input_ids"] for row in rows] == expected["input_ids"]
+    assert [row["attention_mask"] for row in rows] == expected["attention_mask"]
+    assert any(len(ids) == 12 for ids in expected["input_ids"])  # some rows were cut
 
 
 def test_tokenize_shard_is_deterministic_and_reuses_its_file(tmp_path, classification):

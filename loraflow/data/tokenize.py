@@ -49,8 +49,14 @@ class Shard(BaseModel):
     offset: int | None = None
 
 
+# A shard also closes at this much prepared JSONL, so long rows (causal-LM documents) make
+# shorter shards and one task's token lists stay tens of MB, whatever `shard_size` says.
+SHARD_MAX_BYTES = 4 * 2**20
+
+
 def plan_shards(prepared: PreparedDataset, shard_size: int) -> list[Shard]:
-    """Cover every row of every split (train, validation, test) with no overlap.
+    """Cover every row of every split (train, validation, test) with no overlap, in shards of
+    at most `shard_size` rows and SHARD_MAX_BYTES (a row longer than that is a shard alone).
 
     An empty split still gets one empty shard, so every split has a (possibly empty) Parquet file.
     """
@@ -60,15 +66,19 @@ def plan_shards(prepared: PreparedDataset, shard_size: int) -> list[Shard]:
     for split in SPLITS:
         source = prepared.splits[split]
         before = len(shards)
+        start = offset = 0
+        chunk: list[bytes] = []
+        chunk_bytes = 0
         with open(source, "rb") as handle:
-            offset = 0
-            start = 0
-            while chunk := list(islice(handle, shard_size)):
-                shards.append(_shard(split, source, start, chunk, offset))
-                start += len(chunk)
-                offset += sum(len(line) for line in chunk)
-        if len(shards) == before:
-            shards.append(_shard(split, source, 0, [], 0))
+            for line in handle:
+                if chunk and (len(chunk) == shard_size or chunk_bytes + len(line) > SHARD_MAX_BYTES):
+                    shards.append(_shard(split, source, start, chunk, offset))
+                    start, offset = start + len(chunk), offset + chunk_bytes
+                    chunk, chunk_bytes = [], 0
+                chunk.append(line)
+                chunk_bytes += len(line)
+        if chunk or len(shards) == before:
+            shards.append(_shard(split, source, start, chunk, offset))
     return shards
 
 
@@ -149,7 +159,7 @@ def _read_rows(shard: Shard) -> list[dict[str, Any]]:
             f"{shard.source}: rows {shard.start}-{shard.stop} changed since the shards were planned; "
             "prepare the dataset and plan the shards again"
         )
-    return [json.loads(line) for line in lines]
+    return json.loads(b"[" + b",".join(lines) + b"]")  # one parse for the shard: a third of the time of one per row
 
 
 def _field(rows: list[dict[str, Any]], key: str, shard: Shard) -> list[Any]:
@@ -163,8 +173,8 @@ def _field(rows: list[dict[str, Any]], key: str, shard: Shard) -> list[Any]:
 
 def _classification(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> dict[str, list]:
     labels = _field(rows, "label_id", shard)
-    encoded = tokenizer(_field(rows, "text", shard), truncation=True, max_length=max_length)
-    return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "labels": labels}
+    input_ids = [encoding.ids for encoding in _encode(tokenizer, _field(rows, "text", shard), max_length)]
+    return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}
 
 
 def _causal(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> dict[str, list]:
@@ -179,20 +189,35 @@ def _causal(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: 
     else:
         texts = _field(rows, "text", shard)
         prompt_ends = [0] * len(texts)
-    encoded = tokenizer(texts, truncation=True, max_length=room, return_offsets_mapping=prompt_completion)
     input_ids, labels = [], []
-    for index, ids in enumerate(encoded["input_ids"]):
+    for encoding, prompt_end in zip(_encode(tokenizer, texts, room), prompt_ends):
+        ids = encoding.ids
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         if prompt_completion:
-            masked = _prompt_mask(encoded["offset_mapping"][index], prompt_ends[index])
+            masked = _prompt_mask(encoding.offsets, prompt_end)
             row_labels = [IGNORE_INDEX if hidden else token for token, hidden in zip(ids, masked)]
             row_labels += ids[len(masked):]  # the appended eos is a completion token
         else:
             row_labels = list(ids)
         input_ids.append(ids)
         labels.append(row_labels)
-    return {"input_ids": input_ids, "attention_mask": [[1] * len(ids) for ids in input_ids], "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
+    """What `tokenizer(texts, truncation=True, max_length=max_length)` computes (special tokens,
+    truncation side), as the Rust tokenizer's encodings: transformers would spend as long again
+    turning each one into a Python dict of fields this module does not use."""
+    backend = tokenizer.backend_tokenizer
+    backend.no_padding()
+    backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+    return backend.encode_batch(texts, add_special_tokens=True)
+
+
+def _all_attended(input_ids: list[list[int]]) -> list[list[int]]:
+    """Unpadded rows attend to every token."""
+    return [[1] * len(ids) for ids in input_ids]
 
 
 _ENCODERS = {"sequence-classification": _classification, "causal-lm": _causal}
