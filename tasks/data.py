@@ -82,7 +82,10 @@ def dask_task_runner(address: str | None, prepared: PreparedDataset | None = Non
     local = {"dashboard_address": None}
     size = None if prepared is None else sum(os.path.getsize(path) for path in prepared.splits.values())
     if os.environ.get("PREFECT_API_URL") and (size is None or size >= PROCESS_CLUSTER_MIN_BYTES):
-        return DaskTaskRunner(cluster_kwargs={**local, "n_workers": 2, "threads_per_worker": 1, "processes": True})
+        # One tokenizer thread per worker: the workers already use every core, and each fast
+        # tokenizer's own thread pool on top made them fight over it (benchmarks/RESULTS.md).
+        workers = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "env": {"TOKENIZERS_PARALLELISM": "false"}}
+        return DaskTaskRunner(cluster_kwargs={**local, **workers})
     return DaskTaskRunner(cluster_kwargs={**local, "n_workers": 1, "threads_per_worker": 2, "processes": False})
 
 
