@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
+import threading
+from importlib import metadata
 from pathlib import Path
 
 from loraflow.errors import ConfigError, ModelError
 from loraflow.fingerprint import hash_json
+from loraflow.layout import atomic_write_json
 
+# transformers' lazy module imports are not thread-safe on first use: whatever imports torch,
+# transformers or peft from a thread (a tokenizer, a trainer, a model check) does it under this.
+IMPORT_LOCK = threading.RLock()
+# Bump when `_built_linear_module_names` changes what it reports: remembered names go stale.
+_LINEAR_MODULES_MEMO_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
@@ -48,11 +57,43 @@ def model_identity(resolved: str) -> str:
     return hash_json({"config": (path / "config.json").read_text(encoding="utf-8"), "weights": weights})
 
 
-def linear_module_names(resolved: str, task: str) -> set[str]:
-    """Short names of the model's Linear modules, from its config on the meta device (no weights read)."""
-    import torch
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+def linear_module_names(resolved: str, task: str, cache_dir: Path | None = None) -> set[str]:
+    """Short names of the model's Linear modules, remembered under `cache_dir` by model identity,
+    task and transformers version: building even an empty model imports torch and transformers,
+    seconds that a re-run served from the cache should not spend on a check it already passed.
+    Only a `cache_dir` that a run already made is written to: a plan leaves no folders behind."""
+    key = hash_json({"model": model_identity(resolved), "task": task, "version": _LINEAR_MODULES_MEMO_VERSION,
+                     "transformers": metadata.version("transformers")})
+    memo = Path(cache_dir) / f"linear-modules-{key[:16]}.json" if cache_dir is not None else None
+    remembered = _read_names(memo) if memo is not None else None
+    if remembered is not None:
+        return remembered
+    names = _built_linear_module_names(resolved, task)
+    if memo is not None and memo.parent.is_dir():
+        try:
+            atomic_write_json(memo, sorted(names))
+        except OSError:  # a read-only or full cache only costs the next run this check again
+            pass
+    return names
+
+
+def _read_names(memo: Path) -> set[str] | None:
+    """The remembered names, or None when there are none or the file is not what this module wrote."""
+    try:
+        names = json.loads(memo.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if isinstance(names, list) and names and all(isinstance(name, str) for name in names):
+        return set(names)
+    return None
+
+
+def _built_linear_module_names(resolved: str, task: str) -> set[str]:
+    """From the model's config on the meta device (no weights read)."""
+    with IMPORT_LOCK:
+        import torch
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(resolved)
@@ -64,11 +105,13 @@ def linear_module_names(resolved: str, task: str) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def check_target_modules(target_modules: list[str] | str, resolved: str, task: str) -> None:
+def check_target_modules(
+    target_modules: list[str] | str, resolved: str, task: str, cache_dir: Path | None = None
+) -> None:
     """Fail before training when the LoRA targets name modules the model does not have."""
     if isinstance(target_modules, str):  # "all-linear" / "auto" are peft's to resolve
         return
-    available = linear_module_names(resolved, task)
+    available = linear_module_names(resolved, task, cache_dir)
     missing = [name for name in target_modules if not any(fnmatch.fnmatch(m, name) for m in available)]
     if missing:
         raise ConfigError(

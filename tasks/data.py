@@ -1,4 +1,4 @@
-"""Prefect tasks for dataset preparation and sharded tokenisation on Dask."""
+"""Prefect tasks for dataset preparation and sharded tokenisation (on Dask, see `dask_task_runner`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task, unmapped
-from prefect_dask import DaskTaskRunner
+from prefect.task_runners import TaskRunner
 
 from loraflow.config import DatasetSpec
 from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
@@ -15,10 +15,6 @@ from loraflow.data.tokenize import Shard, plan_shards, shard_paths_by_split, tok
 from loraflow.models import model_identity
 from tasks import events
 from tasks.policies import fingerprint_key, transient_retries
-
-# distributed sets its own loggers to INFO when imported (above); its per-worker start-up
-# lines would bury the run's logs.
-logging.getLogger("distributed").setLevel(logging.WARNING)
 
 
 def _prepare_key(context, parameters) -> str:
@@ -62,13 +58,13 @@ def tokenize_shard_task(shard: Shard, tokenizer_path: str, task: str, max_length
     return tokenize_shard(shard, tokenizer_path, task, max_length, out_dir)
 
 
-# Worker processes pay off only on big data: each spawned worker first imports the flow's
-# modules (torch, transformers), 10-70 s on 2 busy cores against 0.2 s to tokenise the demo,
-# and on 2 cores they did not beat threads even at 1M short rows (benchmarks/RESULTS.md).
+# Worker processes pay off only on big data: two spawned workers take ~7 s to import prefect,
+# transformers and torch on 2 cores and ~2 s to stop, against 0.1 s to tokenise the demo; at 1M
+# short rows (110 MB prepared) they were still no faster than threads (benchmarks/RESULTS.md).
 PROCESS_CLUSTER_MIN_BYTES = 256 * 2**20
 
 
-def dask_task_runner(address: str | None, prepared: PreparedDataset | None = None) -> DaskTaskRunner:
+def dask_task_runner(address: str | None, prepared: PreparedDataset | None = None) -> TaskRunner:
     """An existing cluster when given; else a local one.
 
     With no Prefect server configured (`PREFECT_API_URL` unset), every Dask worker *process*
@@ -76,6 +72,10 @@ def dask_task_runner(address: str | None, prepared: PreparedDataset | None = Non
     cluster uses threads (fast tokenizers release the GIL). With a server, processes, once
     the `prepared` splits hold PROCESS_CLUSTER_MIN_BYTES (or their size is not given).
     """
+    from prefect_dask import DaskTaskRunner  # imports distributed: not needed by a run served from the cache
+
+    # distributed sets its loggers to INFO when imported; its per-worker start-up lines would bury the run's logs.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if address:
         return DaskTaskRunner(address=address)
     # No dashboard: nobody watches it for a seconds-long job, and concurrent runs would fight over its port.
@@ -84,7 +84,8 @@ def dask_task_runner(address: str | None, prepared: PreparedDataset | None = Non
     if os.environ.get("PREFECT_API_URL") and (size is None or size >= PROCESS_CLUSTER_MIN_BYTES):
         # One tokenizer thread per worker: the workers already use every core, and each fast
         # tokenizer's own thread pool on top made them fight over it (benchmarks/RESULTS.md).
-        workers = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "env": {"TOKENIZERS_PARALLELISM": "false"}}
+        tokenizer_threads = {"TOKENIZERS_PARALLELISM": os.environ.get("TOKENIZERS_PARALLELISM", "false")}
+        workers = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "env": tokenizer_threads}
         return DaskTaskRunner(cluster_kwargs={**local, **workers})
     return DaskTaskRunner(cluster_kwargs={**local, "n_workers": 1, "threads_per_worker": 2, "processes": False})
 
@@ -99,7 +100,7 @@ def tokenize_dataset(
     out_dir: Path,
     result_storage: Path,
 ) -> tuple[dict[str, list[str]], bool]:
-    """Map shard tokenisation over the Dask task runner; returns parquet paths per split and
+    """Map shard tokenisation over the flow's task runner (Dask); returns parquet paths per split and
     whether every shard was served from cache."""
     shards = plan_shards(prepared, shard_size)
     get_run_logger().info(f"tokenising {sum(s.stop - s.start for s in shards)} rows in {len(shards)} shards")

@@ -21,7 +21,7 @@ from blocks import LoraflowStorage, TrainingInfrastructure
 from loraflow.config import SingleParams
 from loraflow.errors import LoraflowError
 from loraflow.plan import ResolvedConfig
-from loraflow.train.trainer import TrainRequest, TrainResult
+from loraflow.train.request import TrainRequest, TrainResult
 from tasks import events
 from tasks.stages import StageRecorder
 from tasks.training import train_adapter_task

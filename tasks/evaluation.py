@@ -6,10 +6,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from loraflow.evaluate import evaluate_model
 from loraflow.layout import atomic_write_json
+from loraflow.models import IMPORT_LOCK
 from loraflow.plan import ResolvedConfig
-from loraflow.samples import run_sample_prompts
 from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
 
 
@@ -28,6 +27,9 @@ def evaluate_task(config: ResolvedConfig, test_shards: list[str], adapter_dir: s
     """Metrics on the held-out test split; `adapter_dir=None` evaluates the bare base model
     (the baseline). Cached on the adapter's bytes and the test shards, so a retrained
     adapter is always re-evaluated."""
+    with IMPORT_LOCK:  # torch loads only when something is really evaluated
+        from loraflow.evaluate import evaluate_model
+
     metrics = evaluate_model(
         config.model, config.task, config.labels, test_shards, adapter_dir,
         eval_batch_size=config.settings.eval_batch_size, seed=config.seed,
@@ -51,6 +53,9 @@ def _samples_key(context, parameters) -> str:
 @task(name="sample-predictions", cache_key_fn=_samples_key, **transient_retries(1))
 def samples_task(config: ResolvedConfig, adapter_dir: str, prompts_path: str, out_path: Path) -> str:
     """Run the held-out sample prompts through the adapter so a person can eyeball its output."""
+    with IMPORT_LOCK:  # torch loads only when prompts are really run
+        from loraflow.samples import run_sample_prompts
+
     rows = run_sample_prompts(
         config.model, config.task, config.labels, adapter_dir, prompts_path, out_path,
         max_length=config.settings.max_length, max_new_tokens=config.settings.max_new_tokens,

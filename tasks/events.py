@@ -15,7 +15,7 @@ it starts `single` on the dataset path the event carries.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect.events import Event, emit_event
 
@@ -23,9 +23,7 @@ from loraflow.data.prepare import PreparedDataset
 from loraflow.plan import ResolvedConfig
 from loraflow.registry import RegistryVersion
 from loraflow.report import RunResult, scalar_metrics
-
-if TYPE_CHECKING:  # importing the trainer pulls in torch and peft: seconds a Dask worker would pay
-    from loraflow.train.trainer import TrainResult
+from loraflow.train.request import TrainResult
 
 DATASET_UPDATED = "loraflow.dataset.updated"
 

@@ -13,15 +13,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
 from loraflow.config import RunSettings
 from loraflow.data.prepare import PreparedDataset
 from loraflow.data.tokenize import plan_shards, shard_file_name, shard_paths_by_split
+from loraflow.layout import cache_dir
 from loraflow.plan import ResolvedConfig, RunPlan
-from loraflow.train.trainer import TrainRequest
+from loraflow.train.request import TrainRequest
 from tasks.data import dask_task_runner, tokenize_dataset
 from tasks.stages import StageRecorder
 
-RESULT_STORAGE_DIRNAME = ".loraflow-cache"
 _MODEL_WORK = threading.Lock()
 
 
@@ -37,7 +39,7 @@ def model_turn(dispatched: bool = False) -> Iterator[None]:
 
 def result_storage(params: RunSettings) -> Path:
     """Prefect result storage, where the cache lives: shared by every run under one output root."""
-    return Path(params.output_dir).resolve() / RESULT_STORAGE_DIRNAME
+    return cache_dir(params.output_dir)
 
 
 def tokens_dir(plan: RunPlan) -> Path:
@@ -50,15 +52,25 @@ def tokenize_stage_name(plan: RunPlan, max_length: int) -> str:
 
 
 def tokenize_stage(stages: StageRecorder, plan: RunPlan, prepared: PreparedDataset, max_length: int) -> dict:
-    """Tokenise every split at `max_length` on Dask; returns the shard paths per split."""
+    """Tokenise every split at `max_length` (on Dask unless every shard is there); returns the
+    shard paths per split."""
     params = plan.params
-    tokenize = tokenize_dataset.with_options(task_runner=dask_task_runner(params.dask_address, prepared))
     with stages.timed(tokenize_stage_name(plan, max_length)) as stage:
+        tokenize = tokenize_dataset.with_options(task_runner=shard_runner(plan, prepared, max_length))
         shards, stage.cached = tokenize(
             prepared, plan.model_path, params.task, max_length, params.shard_size, tokens_dir(plan),
             stages.result_storage,
         )
     return shards
+
+
+def shard_runner(plan: RunPlan, prepared: PreparedDataset, max_length: int) -> TaskRunner:
+    """Dask while shards remain to tokenise. When every shard file is already there (a re-run),
+    each task only finds its file, and starting a cluster would cost more than all of them."""
+    expected = expected_shards(plan, prepared, max_length)
+    if all(Path(path).is_file() for paths in expected.values() for path in paths):
+        return ThreadPoolTaskRunner(max_workers=4)
+    return dask_task_runner(plan.params.dask_address, prepared)
 
 
 def expected_shards(plan: RunPlan, prepared: PreparedDataset, max_length: int) -> dict[str, list[str]]:

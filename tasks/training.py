@@ -31,8 +31,9 @@ from prefect.states import Cancelled, Cancelling, State
 
 from loraflow.errors import TrainingStopped
 from loraflow.layout import atomic_write_json
+from loraflow.models import IMPORT_LOCK
 from loraflow.plan import ResolvedConfig
-from loraflow.train.trainer import ProgressUpdate, TrainRequest, TrainResult, train_adapter
+from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
 from tasks.policies import fingerprint_key, transient_retries
 
 SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
@@ -191,6 +192,9 @@ def train_adapter_task(config: ResolvedConfig, request: TrainRequest, concurrenc
     identical re-run reuses the adapter. A retry (transient failure) resumes from the last
     complete checkpoint instead of step 0; configuration errors are never retried.
     """
+    with IMPORT_LOCK:  # torch and peft load only when a run really trains
+        from loraflow.train.trainer import train_adapter
+
     logger = get_run_logger()
     with training_slot(concurrency_limit):
         logger.info(f"holding a {concurrency_limit!r} slot; {config.total_steps} optimiser steps planned")

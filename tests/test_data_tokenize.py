@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from pathlib import Path
@@ -228,3 +229,23 @@ def test_causal_with_a_tokenizer_without_eos(tmp_path):
         first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         assert labels[:first] == [IGNORE_INDEX] * first and labels[first:] == row["input_ids"][first:]
         assert first == 4  # [CLS] translate item <n>
+
+
+def test_tokenizers_with_steps_of_their_own_go_through_transformers():
+    """A class that adds work in Python when called (seq2seq language codes, LUKE, LayoutLM) must
+    not be bypassed by the direct call to the Rust encoder."""
+    from loraflow.data.tokenize import _encode, _plain_fast_tokenizer
+
+    tokenizer = load_tokenizer(str(bundled_minilm_dir()))
+    assert _plain_fast_tokenizer(tokenizer)
+    calls = []
+
+    def _encode_plus(self, *args, **kwargs):
+        calls.append(kwargs["max_length"])
+        return type(tokenizer)._encode_plus(self, *args, **kwargs)
+
+    custom = copy.copy(tokenizer)
+    custom.__class__ = type("LanguageCodeTokenizer", (type(tokenizer),), {"_encode_plus": _encode_plus})
+    assert not _plain_fast_tokenizer(custom)
+    encodings = _encode(custom, ["a short text", "another one"], 8)
+    assert calls == [8] and [e.ids for e in encodings] == [e.ids for e in _encode(tokenizer, ["a short text", "another one"], 8)]

@@ -14,7 +14,8 @@ from loraflow.gates import check_gates, metrics_for_task
 from loraflow.layout import read_jsonl
 from loraflow.models import bundled_minilm_dir
 from loraflow.samples import run_sample_prompts
-from loraflow.train.trainer import TrainRequest, train_adapter
+from loraflow.train.request import TrainRequest
+from loraflow.train.trainer import train_adapter
 from tests import tiny_models as tiny
 from tests.tiny_models import EASY_LABELS
 

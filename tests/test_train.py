@@ -21,7 +21,8 @@ from loraflow.train.checkpoints import (
     mark_checkpoint_complete,
 )
 from loraflow.train.device import pick_device
-from loraflow.train.trainer import ProgressUpdate, TrainRequest, train_adapter
+from loraflow.train.request import ProgressUpdate, TrainRequest
+from loraflow.train.trainer import train_adapter
 from tests.tiny_models import (
     EASY_LABELS,
     build_tiny_llama,

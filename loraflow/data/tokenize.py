@@ -30,6 +30,7 @@ from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
 from loraflow.errors import DataError
 from loraflow.fingerprint import hash_json
 from loraflow.layout import atomic_write_bytes
+from loraflow.models import IMPORT_LOCK
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss default)
 
@@ -127,13 +128,11 @@ def load_tokenizer(tokenizer_path: str) -> Any:
     return _cached_tokenizer(tokenizer_path, threading.get_ident())
 
 
-_LOAD_LOCK = threading.Lock()  # transformers' lazy imports are not thread-safe on first use
-
 
 @lru_cache(maxsize=32)
 def _cached_tokenizer(tokenizer_path: str, thread_id: int) -> Any:
     try:
-        with _LOAD_LOCK:
+        with IMPORT_LOCK:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -208,11 +207,24 @@ def _causal(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: 
 def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
     """What `tokenizer(texts, truncation=True, max_length=max_length)` computes (special tokens,
     truncation side), as the Rust tokenizer's encodings: transformers would spend as long again
-    turning each one into a Python dict of fields this module does not use."""
+    turning each one into a Python dict of fields this module does not use. Tokenizer classes
+    that add steps of their own in Python (seq2seq language codes, LUKE, LayoutLM) go through
+    transformers."""
+    if not _plain_fast_tokenizer(tokenizer):
+        return tokenizer(texts, truncation=True, max_length=max_length).encodings
     backend = tokenizer.backend_tokenizer
     backend.no_padding()
     backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
     return backend.encode_batch(texts, add_special_tokens=True)
+
+
+def _plain_fast_tokenizer(tokenizer: Any) -> bool:
+    """Whether calling the tokenizer only sets truncation and runs the Rust encoder."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    kind = type(tokenizer)
+    return kind._encode_plus is PreTrainedTokenizerFast._encode_plus and kind.__call__ is PreTrainedTokenizerBase.__call__
 
 
 def _all_attended(input_ids: list[list[int]]) -> list[list[int]]:

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model
-from pydantic import BaseModel
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -44,6 +43,7 @@ from loraflow.train.checkpoints import (
 )
 from loraflow.train.data import TokenizedDataset, collator_for
 from loraflow.train.device import DevicePlan, pick_device
+from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
 
 CLASSIFICATION = "sequence-classification"
 # Settings that change what is logged or kept, not the weights: a change must not discard checkpoints.
@@ -54,43 +54,6 @@ _RESUME_NEUTRAL_SETTINGS = {
     "batch_size", "gradient_accumulation_steps",
 }
 STOP_CHECK_SECONDS = 1.0
-
-
-class TrainRequest(BaseModel):
-    model_path: str
-    task: str
-    settings: TrainingSettings
-    labels: list[str] | None
-    train_shards: list[str]
-    eval_shards: list[str]
-    checkpoint_dir: str
-    adapter_dir: str
-    logs_dir: str
-    seed: int = 42
-
-
-class ProgressUpdate(BaseModel):
-    step: int
-    max_steps: int
-    epoch: float
-    loss: float | None
-    learning_rate: float | None
-    eta_seconds: float | None
-
-
-class TrainResult(BaseModel):
-    adapter_dir: str
-    global_step: int
-    epochs: float
-    train_loss: float | None
-    resumed_from_step: int | None
-    samples_per_second: float | None
-    tokens_per_second: float | None
-    train_runtime_s: float
-    device: str
-    precision: str
-    batch_size: int
-    gradient_accumulation_steps: int
 
 
 def load_tokenizer(model_path: str):
