@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import Any
 
 SUBDIRS = ("data", "config", "model", "eval", "samples", "logs")
+CACHE_DIRNAME = ".loraflow-cache"
+
+
+def cache_dir(output_dir: str | Path) -> Path:
+    """`<output_dir>/.loraflow-cache`: Prefect's result storage (the stage cache) and what the
+    core remembers about models, shared by every run under one output root."""
+    return Path(output_dir).resolve() / CACHE_DIRNAME
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from loraflow.data.readers import source_files
 from loraflow.errors import ConfigError
 from loraflow.fingerprint import code_version, hash_json
 from loraflow.gates import metrics_for_task
-from loraflow.layout import RunLayout, atomic_write_text
+from loraflow.layout import RunLayout, atomic_write_text, cache_dir
 from loraflow.models import check_target_modules, model_identity, resolve_model
 
 class RunPlan(BaseModel):
@@ -85,7 +85,7 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
         )
     source_files(params.dataset.path, params.dataset.format)  # exists, and holds files of a known format
     model_path = resolve_model(params.model)
-    check_target_modules(settings.lora.target_modules, model_path, params.task)
+    check_target_modules(settings.lora.target_modules, model_path, params.task, cache_dir(params.output_dir))
     _check_writable(params.output_dir)
     name = params.dataset.resolved_name
     root = Path(root or Path(params.output_dir) / name).resolve()

@@ -30,6 +30,7 @@ from loraflow.config import (
 )
 from loraflow.errors import ConfigError
 from loraflow.gates import metrics_for_task
+from loraflow.layout import cache_dir
 from loraflow.models import check_target_modules
 from loraflow.plan import RunPlan, plan_run
 from loraflow.report import RunOutcome, outcome_line
@@ -170,7 +171,7 @@ def variant_plans(params: VariationsParams) -> tuple[RunPlan, list[tuple[Variant
     for variant in expand_variations(params):
         settings = resolve_training_settings(params.preset_name, variant.overrides, params.task)
         if settings.lora.target_modules != base.settings.lora.target_modules:
-            check_target_modules(settings.lora.target_modules, base.model_path, params.task)
+            check_target_modules(settings.lora.target_modules, base.model_path, params.task, cache_dir(params.output_dir))
         update = {
             "params": SingleParams(**{**shared, "overrides": variant.overrides}),
             "name": variant.name,

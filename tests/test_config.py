@@ -12,6 +12,7 @@ from loraflow.config import (
     resolve_training_settings,
 )
 from loraflow.errors import ConfigError, LoraflowError
+from loraflow.layout import cache_dir
 from loraflow.models import resolve_model
 from loraflow.plan import plan_run
 
@@ -106,3 +107,25 @@ def test_plan_checks_model_targets_gates_and_paths(tmp_path):
     for change, expected in cases:
         with pytest.raises(LoraflowError, match=expected.replace("[", r"\[").replace("]", r"\]")):
             plan_run(SingleParams(**{**base, **change}))
+
+
+def test_lora_targets_are_checked_from_a_memo_once_a_run_made_the_cache(tmp_path, monkeypatch):
+    """The target check builds the model (importing torch) once per output root; a re-run reads
+    the names back, and a wrong target still fails from them."""
+    import loraflow.models as models
+
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nhello,a\n")
+    base = {"dataset": {"path": str(data)}, "output_dir": str(tmp_path / "out")}
+    cache_dir(tmp_path / "out").mkdir(parents=True)  # what a run leaves behind
+    plan_run(SingleParams(**base))
+    (memo,) = cache_dir(tmp_path / "out").glob("linear-modules-*.json")
+    assert {"query", "value"} <= set(json.loads(memo.read_text()))
+
+    def no_build(*args):
+        raise AssertionError("the model was built again")
+
+    monkeypatch.setattr(models, "_built_linear_module_names", no_build)
+    plan_run(SingleParams(**base))
+    with pytest.raises(ConfigError, match="not found"):
+        plan_run(SingleParams(**{**base, "overrides": {"lora.target_modules": ["q_proj"]}}))

@@ -164,3 +164,26 @@ def test_shuffled_rows_keep_their_split(tmp_path):
         spec = SingleParams(dataset={"path": str(write_messy_csv(tmp_path / f"{name}.csv", ordering))}).dataset
         fingerprints.append(prepare_dataset(spec, "sequence-classification", tmp_path / name).counts)
     assert fingerprints[0] == fingerprints[1]
+
+
+def test_tokenisation_starts_a_dask_cluster_only_for_shards_still_to_tokenise(tmp_path):
+    """A re-run finds every shard file and only looks them up: a cluster would cost more than that."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from loraflow.data.prepare import prepare_dataset
+    from loraflow.data.tokenize import plan_shards, tokenize_shard
+    from loraflow.plan import plan_run
+    from tasks.pipeline import shard_runner, tokens_dir
+
+    params = classification_params(tmp_path)
+    plan = plan_run(params)
+    prepared = prepare_dataset(params.dataset, params.task, plan.layout.data, params.seed)
+    max_length = plan.settings.max_length
+    assert isinstance(shard_runner(plan, prepared, max_length), DaskTaskRunner)
+    shards = plan_shards(prepared, params.shard_size)
+    for shard in shards[:-1]:
+        tokenize_shard(shard, plan.model_path, params.task, max_length, tokens_dir(plan))
+    assert isinstance(shard_runner(plan, prepared, max_length), DaskTaskRunner)  # one shard left
+    tokenize_shard(shards[-1], plan.model_path, params.task, max_length, tokens_dir(plan))
+    assert isinstance(shard_runner(plan, prepared, max_length), ThreadPoolTaskRunner)
