@@ -1,0 +1,82 @@
+"""The benchmarks keep working: each one, in smoke mode (a few rows and steps, one round),
+runs its variants side by side and writes its tables, with a ratio per variant, to the results
+file it is given. Targets are not asserted: smoke sizes say nothing about speed, and
+benchmarks are not tests. The flows run against the session's Prefect test server."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from prefect.settings import PREFECT_API_URL
+
+from benchmarks import cached_rerun, orchestration_overhead, preprocessing_scale, training_throughput, variations_sharing
+from benchmarks.common import RESULTS_PATH, markdown_table
+
+RATIO = re.compile(r"^\d+\.\d\dx$")
+
+
+@pytest.fixture(scope="module")
+def api_url(prefect_server) -> str:
+    return PREFECT_API_URL.value()
+
+
+def run_smoke(benchmark, tmp_path: Path, api_url: str, *options: str):
+    """Run a benchmark's smoke mode; check the results file it appended to; return its tables."""
+    results = tmp_path / "RESULTS.md"
+    results_before = RESULTS_PATH.read_bytes() if RESULTS_PATH.exists() else None
+    report = benchmark.main(["--smoke", "--results", str(results), "--api-url", api_url, *options])
+    text = results.read_text()
+    assert text.startswith("# Benchmark results\n") and f"\n## {report.title}: " in text
+    assert re.search(r"- machine: \d+ cores .* GiB, .*torch \S+, transformers \S+, peft \S+, prefect \S+", text)
+    assert "- load average (1, 5, 15 min): " in text and "smoke run" in text
+    for _, headers, rows in report.tables:
+        assert rows and markdown_table(headers, rows) in text
+    assert (RESULTS_PATH.read_bytes() if RESULTS_PATH.exists() else None) == results_before
+    return report.tables
+
+
+def column(table, header: str) -> list:
+    _, headers, rows = table
+    return [row[headers.index(header)] for row in rows]
+
+
+def test_orchestration_overhead(tmp_path, api_url):
+    wall, stages = run_smoke(orchestration_overhead, tmp_path, api_url, "--modes", "server")
+    assert column(wall, "variant") == ["plain", "flow, running server"]
+    assert column(wall, "wall ratio")[0] == "1.00x" and all(RATIO.match(r) for r in column(wall, "wall ratio"))
+    assert column(stages, "stage") == [*orchestration_overhead.STAGES, "outside stages"]
+    plain_seconds = dict(zip(column(stages, "stage"), map(float, column(stages, "plain"))))
+    assert plain_seconds["train"] > 0 and min(plain_seconds.values()) >= 0
+
+
+def test_cached_rerun(tmp_path, api_url):
+    (table,) = run_smoke(cached_rerun, tmp_path, api_url, "--modes", "server")
+    assert column(table, "mode") == ["running server"]
+    cached, stages = column(table, "stages cached")[0].split("/")
+    assert cached == stages  # the second run is served from cache, every stage of it
+    assert column(table, "second/first")[0].endswith("%")
+
+
+def test_training_throughput(tmp_path, api_url):
+    (table,) = run_smoke(training_throughput, tmp_path, api_url)
+    assert column(table, "variant") == ["plain peft + Trainer", "loraflow training task"]
+    assert all(float(value) > 0 for value in column(table, "samples/s"))
+    assert all(RATIO.match(value) for value in column(table, "vs plain"))
+
+
+def test_preprocessing_scale(tmp_path, api_url):
+    (table,) = run_smoke(preprocessing_scale, tmp_path, api_url, "--sizes", "300")
+    assert column(table, "variant") == list(preprocessing_scale.VARIANTS)[: None if preprocessing_scale.HAS_DATASETS else -1]
+    assert column(table, "speed-up")[0] == "1.00x" and all(RATIO.match(r) for r in column(table, "speed-up"))
+    assert all(float(value.replace(",", "")) > 0 for value in column(table, "rows/s"))
+    assert all(float(value) > 0 for value in column(table, "peak MB"))
+
+
+def test_variations_sharing(tmp_path, api_url):
+    (table,) = run_smoke(variations_sharing, tmp_path, api_url)
+    assert column(table, "variant") == ["2 single runs", "variations, 2-point grid"]
+    assert column(table, "prepare-dataset runs") == ["2", "1"]
+    separate, grid = (int(value) for value in column(table, "tokenize-shard runs"))
+    assert separate == 2 * grid > 0
