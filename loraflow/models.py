@@ -57,11 +57,11 @@ def model_identity(resolved: str) -> str:
     return hash_json({"config": (path / "config.json").read_text(encoding="utf-8"), "weights": weights})
 
 
-def linear_module_names(resolved: str, task: str, cache_dir: Path | None = None) -> set[str]:
+def linear_module_names(resolved: str, task: str, cache_dir: Path | None = None, remember: bool = True) -> set[str]:
     """Short names of the model's Linear modules, remembered under `cache_dir` by model identity,
     task and transformers version: building even an empty model imports torch and transformers,
     seconds that a re-run served from the cache should not spend on a check it already passed.
-    Only a `cache_dir` that a run already made is written to: a plan leaves no folders behind."""
+    `remember=False` reads what is there and writes nothing: a plan leaves no folders behind."""
     key = hash_json({"model": model_identity(resolved), "task": task, "version": _LINEAR_MODULES_MEMO_VERSION,
                      "transformers": metadata.version("transformers")})
     memo = Path(cache_dir) / f"linear-modules-{key[:16]}.json" if cache_dir is not None else None
@@ -69,7 +69,7 @@ def linear_module_names(resolved: str, task: str, cache_dir: Path | None = None)
     if remembered is not None:
         return remembered
     names = _built_linear_module_names(resolved, task)
-    if memo is not None and memo.parent.is_dir():
+    if memo is not None and remember:
         try:
             atomic_write_json(memo, sorted(names))
         except OSError:  # a read-only or full cache only costs the next run this check again
@@ -106,12 +106,12 @@ def _built_linear_module_names(resolved: str, task: str) -> set[str]:
 
 
 def check_target_modules(
-    target_modules: list[str] | str, resolved: str, task: str, cache_dir: Path | None = None
+    target_modules: list[str] | str, resolved: str, task: str, cache_dir: Path | None = None, remember: bool = True
 ) -> None:
     """Fail before training when the LoRA targets name modules the model does not have."""
     if isinstance(target_modules, str):  # "all-linear" / "auto" are peft's to resolve
         return
-    available = linear_module_names(resolved, task, cache_dir)
+    available = linear_module_names(resolved, task, cache_dir, remember)
     missing = [name for name in target_modules if not any(fnmatch.fnmatch(m, name) for m in available)]
     if missing:
         raise ConfigError(

@@ -85,7 +85,9 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
         )
     source_files(params.dataset.path, params.dataset.format)  # exists, and holds files of a known format
     model_path = resolve_model(params.model)
-    check_target_modules(settings.lora.target_modules, model_path, params.task, cache_dir(params.output_dir))
+    check_target_modules(
+        settings.lora.target_modules, model_path, params.task, cache_dir(params.output_dir), remember=not params.plan_only
+    )
     _check_writable(params.output_dir)
     name = params.dataset.resolved_name
     root = Path(root or Path(params.output_dir) / name).resolve()

@@ -171,7 +171,8 @@ def variant_plans(params: VariationsParams) -> tuple[RunPlan, list[tuple[Variant
     for variant in expand_variations(params):
         settings = resolve_training_settings(params.preset_name, variant.overrides, params.task)
         if settings.lora.target_modules != base.settings.lora.target_modules:
-            check_target_modules(settings.lora.target_modules, base.model_path, params.task, cache_dir(params.output_dir))
+            check_target_modules(settings.lora.target_modules, base.model_path, params.task,
+                                 cache_dir(params.output_dir), remember=not params.plan_only)
         update = {
             "params": SingleParams(**{**shared, "overrides": variant.overrides}),
             "name": variant.name,

@@ -93,7 +93,7 @@ def test_plan_checks_model_targets_gates_and_paths(tmp_path):
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhello,a\n")
     base = {"dataset": {"path": str(data)}, "output_dir": str(tmp_path / "out")}
-    plan = plan_run(SingleParams(**base))
+    plan = plan_run(SingleParams(**base, plan_only=True))
     assert plan.model_path == resolve_model("minilm") and plan.root == str(tmp_path / "out" / "d")
     assert not (tmp_path / "out").exists()  # checks make no folders: a plan-only run leaves none behind
 
@@ -109,15 +109,14 @@ def test_plan_checks_model_targets_gates_and_paths(tmp_path):
             plan_run(SingleParams(**{**base, **change}))
 
 
-def test_lora_targets_are_checked_from_a_memo_once_a_run_made_the_cache(tmp_path, monkeypatch):
-    """The target check builds the model (importing torch) once per output root; a re-run reads
-    the names back, and a wrong target still fails from them."""
+def test_lora_targets_are_checked_from_a_memo_after_the_first_run(tmp_path, monkeypatch):
+    """The target check builds the model (importing torch) once per output root; later runs and
+    plans read the names back, and a wrong target still fails from them."""
     import loraflow.models as models
 
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhello,a\n")
     base = {"dataset": {"path": str(data)}, "output_dir": str(tmp_path / "out")}
-    cache_dir(tmp_path / "out").mkdir(parents=True)  # what a run leaves behind
     plan_run(SingleParams(**base))
     (memo,) = cache_dir(tmp_path / "out").glob("linear-modules-*.json")
     assert {"query", "value"} <= set(json.loads(memo.read_text()))
@@ -127,5 +126,6 @@ def test_lora_targets_are_checked_from_a_memo_once_a_run_made_the_cache(tmp_path
 
     monkeypatch.setattr(models, "_built_linear_module_names", no_build)
     plan_run(SingleParams(**base))
+    plan_run(SingleParams(**base, plan_only=True))
     with pytest.raises(ConfigError, match="not found"):
         plan_run(SingleParams(**{**base, "overrides": {"lora.target_modules": ["q_proj"]}}))
