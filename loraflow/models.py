@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import json
 import re
 import threading
 from importlib import metadata
+from types import ModuleType
 from pathlib import Path
 
 from loraflow.errors import ConfigError, ModelError
@@ -16,6 +18,16 @@ from loraflow.layout import atomic_write_json
 # transformers' lazy module imports are not thread-safe on first use: whatever imports torch,
 # transformers or peft from a thread (a tokenizer, a trainer, a model check) does it under this.
 IMPORT_LOCK = threading.RLock()
+
+
+def locked_import(module: str) -> ModuleType:
+    """Import a module that pulls in torch, transformers or peft, under IMPORT_LOCK. Callers name
+    the module instead of holding the lock themselves: a Prefect task whose body referred to the
+    lock could not be pickled for Dask along with a flow that calls it."""
+    with IMPORT_LOCK:
+        return importlib.import_module(module)
+
+
 # Bump when `_built_linear_module_names` changes what it reports: remembered names go stale.
 _LINEAR_MODULES_MEMO_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")

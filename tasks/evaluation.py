@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from loraflow.layout import atomic_write_json
-from loraflow.models import IMPORT_LOCK
+from loraflow.models import locked_import
 from loraflow.plan import ResolvedConfig
 from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
 
@@ -27,8 +27,7 @@ def evaluate_task(config: ResolvedConfig, test_shards: list[str], adapter_dir: s
     """Metrics on the held-out test split; `adapter_dir=None` evaluates the bare base model
     (the baseline). Cached on the adapter's bytes and the test shards, so a retrained
     adapter is always re-evaluated."""
-    with IMPORT_LOCK:  # torch loads only when something is really evaluated
-        from loraflow.evaluate import evaluate_model
+    evaluate_model = locked_import("loraflow.evaluate").evaluate_model  # torch: only to really evaluate
 
     metrics = evaluate_model(
         config.model, config.task, config.labels, test_shards, adapter_dir,
@@ -53,8 +52,7 @@ def _samples_key(context, parameters) -> str:
 @task(name="sample-predictions", cache_key_fn=_samples_key, **transient_retries(1))
 def samples_task(config: ResolvedConfig, adapter_dir: str, prompts_path: str, out_path: Path) -> str:
     """Run the held-out sample prompts through the adapter so a person can eyeball its output."""
-    with IMPORT_LOCK:  # torch loads only when prompts are really run
-        from loraflow.samples import run_sample_prompts
+    run_sample_prompts = locked_import("loraflow.samples").run_sample_prompts  # torch: only to really run prompts
 
     rows = run_sample_prompts(
         config.model, config.task, config.labels, adapter_dir, prompts_path, out_path,

@@ -31,7 +31,7 @@ from prefect.states import Cancelled, Cancelling, State
 
 from loraflow.errors import TrainingStopped
 from loraflow.layout import atomic_write_json
-from loraflow.models import IMPORT_LOCK
+from loraflow.models import locked_import
 from loraflow.plan import ResolvedConfig
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
 from tasks.policies import fingerprint_key, transient_retries
@@ -192,8 +192,7 @@ def train_adapter_task(config: ResolvedConfig, request: TrainRequest, concurrenc
     identical re-run reuses the adapter. A retry (transient failure) resumes from the last
     complete checkpoint instead of step 0; configuration errors are never retried.
     """
-    with IMPORT_LOCK:  # torch and peft load only when a run really trains
-        from loraflow.train.trainer import train_adapter
+    train_adapter = locked_import("loraflow.train.trainer").train_adapter  # torch and peft: only to really train
 
     logger = get_run_logger()
     with training_slot(concurrency_limit):
