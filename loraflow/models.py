@@ -8,8 +8,8 @@ import json
 import re
 import threading
 from importlib import metadata
-from types import ModuleType
 from pathlib import Path
+from types import ModuleType
 
 from loraflow.errors import ConfigError, ModelError
 from loraflow.fingerprint import hash_json

@@ -128,7 +128,6 @@ def load_tokenizer(tokenizer_path: str) -> Any:
     return _cached_tokenizer(tokenizer_path, threading.get_ident())
 
 
-
 @lru_cache(maxsize=32)
 def _cached_tokenizer(tokenizer_path: str, thread_id: int) -> Any:
     try:
