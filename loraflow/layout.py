@@ -42,12 +42,32 @@ class RunLayout:
     result = property(lambda self: self.root / "result.json")
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (`os.umask` can only set it: setting and
+    restoring it would race with files other threads create meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022  # no procfs (macOS): the usual default
+
+
+def honour_umask(path: str | Path, directory: bool = False) -> None:
+    """Give a file or folder made by `tempfile` (always 0600 / 0700) the mode `open` or `mkdir`
+    would have given it, so a team's other accounts can read outputs as with any other tool's."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        honour_umask(tmp)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
