@@ -93,7 +93,8 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
     gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gates)}
     passed = all(gate.passed for gate in gates.values())
     version = stages.run(
-        "register", register_task, params.registry_root, config, trained.adapter_dir, metrics, passed, registry_alias
+        "register", register_task, params.registry_root, config, trained.adapter_dir, metrics, passed, registry_alias,
+        params.gates,
     ) if registry_alias else None
 
     timings, cached = {**data.timings, **stages.timings}, {**data.cached, **stages.cached}

@@ -22,6 +22,10 @@ class ModelError(LoraflowError):
     """The model reference does not point at a usable model."""
 
 
+class RegistryError(LoraflowError):
+    """A registry version's folder is missing or incomplete and cannot be restored from this run."""
+
+
 class GateFailure(LoraflowError):
     """Evaluation finished but one or more quality gates failed."""
 

@@ -7,8 +7,11 @@ Layout under the registry root::
 
 A version is keyed by the fingerprint of everything that produced it (dataset, resolved
 config, base model, code), so registering the same inputs twice returns the existing
-version. Every read-modify-write of an index holds an exclusive file lock, so concurrent
-runs never lose an update; the index is replaced atomically, so readers never see half of it.
+version. Each evaluation of a version is kept as a verdict on it (gates, metrics, passed), and
+an alias moves only on a passing one. A version folder deleted or half copied by hand is noticed
+when it is read or registered again. Every read-modify-write of an index holds an exclusive file
+lock, so concurrent runs never lose an update; the index is replaced atomically, so readers never
+see half of it.
 """
 
 from __future__ import annotations
@@ -23,11 +26,24 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from loraflow.config import check_safe_name
-from loraflow.errors import ConfigError
-from loraflow.layout import atomic_write_json
+from loraflow.errors import ConfigError, RegistryError
+from loraflow.fingerprint import hash_tree
+from loraflow.layout import atomic_write_json, honour_umask
+
+
+class Verdict(BaseModel):
+    """One evaluation of a version against the gates in force then. A re-run of the same adapter
+    under other gates adds a verdict rather than overwrite one: every record stays true."""
+
+    number: int
+    gates: dict[str, float] | None  # None: recorded before verdicts were, the gates are unknown
+    passed: bool
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    when: str
+    flow_run_id: str | None = None
 
 
 class RegistryVersion(BaseModel):
@@ -36,16 +52,82 @@ class RegistryVersion(BaseModel):
     key: str
     path: str
     created: str
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    passed: bool = False
+    metrics: dict[str, Any] = Field(default_factory=dict)  # the latest verdict's
+    passed: bool = False  # the latest verdict's
+    verdict: int = 1  # the number of the latest verdict
     card: dict[str, Any] = Field(default_factory=dict)
+    adapter_fingerprint: str | None = None  # the registered adapter's bytes: what a lost folder may be restored from
+    files: dict[str, int] = Field(default_factory=dict)  # relative path -> size of the frozen copy
+    verdicts: list[Verdict] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _first_verdict(cls, data: Any) -> Any:
+        """A version indexed before verdicts were: its one recorded evaluation, gates unknown."""
+        if isinstance(data, dict) and "verdicts" not in data:
+            data = {**data, "verdicts": [{"number": 1, "gates": None, "passed": data.get("passed", False),
+                                          "metrics": data.get("metrics", {}), "when": data.get("created", "")}]}
+        return data
+
+    def record(self, gates: dict[str, float] | None, passed: bool, metrics: dict[str, Any],
+               flow_run_id: str | None) -> Verdict:
+        """This evaluation's verdict: the earlier one when gates and metrics are the same (an identical
+        re-run), else a new one. The version's `passed` and `metrics` follow it."""
+        verdict = next((v for v in self.verdicts if (v.gates, v.passed, v.metrics) == (gates, passed, metrics)), None)
+        if verdict is None:
+            verdict = Verdict(number=len(self.verdicts) + 1, gates=gates, passed=passed, metrics=metrics,
+                              when=_now(), flow_run_id=flow_run_id)
+            self.verdicts.append(verdict)
+        self.passed, self.metrics, self.verdict = verdict.passed, verdict.metrics, verdict.number
+        return verdict
+
+    def passing_verdict(self) -> Verdict:
+        """The latest verdict that passed: what lets an alias point here."""
+        for verdict in reversed(self.verdicts):
+            if verdict.passed:
+                return verdict
+        raise ConfigError(
+            f"registry: {self.name} v{self.version} never passed its gates ({len(self.verdicts)} verdict(s), "
+            "all failed); an alias only points at a version that passed"
+        )
+
+
+class AliasMove(BaseModel):
+    """Where an alias went, when, and the passing verdict that allowed it."""
+
+    version: int
+    verdict: int
+    when: str
+    how: str  # "promote" | "rollback"
 
 
 class RegistryIndex(BaseModel):
     name: str
     versions: list[RegistryVersion] = Field(default_factory=list)
     aliases: dict[str, int] = Field(default_factory=dict)
-    alias_history: dict[str, list[int]] = Field(default_factory=dict)
+    alias_history: dict[str, list[int]] = Field(default_factory=dict)  # earlier targets, for rollback
+    alias_moves: dict[str, list[AliasMove]] = Field(default_factory=dict)
+
+    def get(self, number: int) -> RegistryVersion:
+        for version in self.versions:
+            if version.version == number:
+                return version
+        raise ConfigError(f"registry: {self.name} has no version {number}")
+
+    def move(self, alias: str, version: RegistryVersion, verdict: Verdict, how: str = "promote") -> None:
+        previous = self.aliases.get(alias)
+        if previous == version.version:
+            return
+        if previous is not None and how == "promote":
+            self.alias_history.setdefault(alias, []).append(previous)
+        self.aliases[alias] = version.version
+        self.alias_moves.setdefault(alias, []).append(
+            AliasMove(version=version.version, verdict=verdict.number, when=_now(), how=how)
+        )
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
 
 class Registry:
@@ -78,6 +160,12 @@ class Registry:
     def index(self, name: str) -> RegistryIndex:
         return self._read(name)
 
+    def damage(self, name: str, key: str) -> str | None:
+        """What is wrong with the folder of the version registered for `key`; None when it is whole
+        or nothing is registered for `key`. A cache key over it lets a damaged folder be restored."""
+        version = next((v for v in self._read(name).versions if v.key == key), None)
+        return self._problem(version) if version is not None else None
+
     def register(
         self,
         name: str,
@@ -86,47 +174,79 @@ class Registry:
         card: dict[str, Any],
         metrics: dict[str, Any],
         passed: bool,
-    ) -> tuple[RegistryVersion, bool]:
-        """Add `adapter_dir` as the next version of `name`; returns (version, created)."""
+        gates: dict[str, float] | None = None,
+        alias: str | None = None,
+        flow_run_id: str | None = None,
+    ) -> tuple[RegistryVersion, str]:
+        """Find or add the version of `key` from `adapter_dir`, record this evaluation's verdict on
+        it, and point `alias` at it when that verdict passed, all under one lock. Returns the version
+        and `created`, `found` or `restored` (its folder was missing or incomplete and was copied
+        again from `adapter_dir`, which holds the registered bytes)."""
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ConfigError(f"registry: {adapter_dir} holds no adapter (adapter_config.json missing)")
+        fingerprint = hash_tree(adapter_dir)
         with self._locked(name) as index:
-            for existing in index.versions:
-                if existing.key == key:
-                    return existing, False
-            number = max((v.version for v in index.versions), default=0) + 1
-            target = self._entry(name) / f"v{number}"
-            staging = Path(tempfile.mkdtemp(dir=self._entry(name), prefix=f".v{number}-"))
-            shutil.copytree(adapter_dir, staging, dirs_exist_ok=True)
-            atomic_write_json(staging / "card.json", {"name": name, "version": number, "key": key, **card})
-            if target.exists():  # left by a crash between copy and index write: never indexed, safe to replace
-                shutil.rmtree(target)
-            staging.rename(target)
-            version = RegistryVersion(
-                name=name,
-                version=number,
-                key=key,
-                path=str(target),
-                created=datetime.now(timezone.utc).isoformat(),
-                metrics=metrics,
-                passed=passed,
-                card=card,
-            )
-            index.versions.append(version)
-            return version, True
+            version = next((v for v in index.versions if v.key == key), None)
+            outcome = "found"
+            if version is None:
+                number = max((v.version for v in index.versions), default=0) + 1
+                version = RegistryVersion(name=name, version=number, key=key, path="", created=_now(), card=card,
+                                          adapter_fingerprint=fingerprint, verdicts=[])
+                self._freeze(version, adapter_dir)
+                index.versions.append(version)
+                outcome = "created"
+            elif problem := self._problem(version):
+                if version.adapter_fingerprint not in (None, fingerprint):
+                    raise RegistryError(
+                        f"registry: {version.path} (v{version.version} of {name}) {problem}, and {adapter_dir} is "
+                        f"not the adapter registered there; restore that folder from a backup, or remove "
+                        f"v{version.version} from {self._entry(name) / 'index.json'} to register this adapter anew"
+                    )
+                self._freeze(version, adapter_dir)
+                version.adapter_fingerprint = fingerprint
+                outcome = "restored"
+            verdict = version.record(gates, passed, metrics, flow_run_id)
+            if alias is not None and verdict.passed:
+                index.move(alias, version, verdict)
+            return version, outcome
+
+    def _freeze(self, version: RegistryVersion, adapter_dir: Path) -> None:
+        """Copy the adapter and its card into `v<N>/` through a staging folder, so `v<N>` is whole or absent."""
+        entry = self._entry(version.name)
+        target = entry / f"v{version.version}"
+        staging = Path(tempfile.mkdtemp(dir=entry, prefix=f".v{version.version}-"))
+        honour_umask(staging, directory=True)
+        # copyfile, not copy2: the copies get this process's umask, not the run folder's modes.
+        shutil.copytree(adapter_dir, staging, dirs_exist_ok=True, copy_function=shutil.copyfile)
+        atomic_write_json(staging / "card.json",
+                          {"name": version.name, "version": version.version, "key": version.key, **version.card})
+        if target.exists():  # never indexed (a crash between copy and index write), or found incomplete
+            shutil.rmtree(target)
+        staging.rename(target)
+        version.path = str(target)
+        version.files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
+
+    @staticmethod
+    def _problem(version: RegistryVersion) -> str | None:
+        """What is wrong with a version's folder (deleted or half copied by hand), or None when whole."""
+        path = Path(version.path)
+        if not path.is_dir():
+            return "is missing"
+        for relative, size in (version.files or {"adapter_config.json": None, "card.json": None}).items():
+            file = path / relative
+            if not file.is_file():
+                return f"lacks {relative}"
+            if size is not None and file.stat().st_size != size:
+                return f"holds {relative} of {file.stat().st_size} bytes, not the {size} registered"
+        return None
 
     def promote(self, name: str, version: int, alias: str) -> None:
-        """Point `alias` (e.g. `production`, `best`) at `version`, remembering the previous target."""
+        """Point `alias` (e.g. `production`, `best`) at `version`, remembering the previous target.
+        Only a version with a passing verdict can be promoted."""
         with self._locked(name) as index:
-            if not any(v.version == version for v in index.versions):
-                raise ConfigError(f"registry: {name} has no version {version}")
-            previous = index.aliases.get(alias)
-            if previous == version:
-                return
-            if previous is not None:
-                index.alias_history.setdefault(alias, []).append(previous)
-            index.aliases[alias] = version
+            target = index.get(version)
+            index.move(alias, target, target.passing_verdict())
 
     def rollback(self, name: str, alias: str) -> int:
         """Move `alias` back to the version it pointed at before the last promotion."""
@@ -134,13 +254,20 @@ class Registry:
             history = index.alias_history.get(alias) or []
             if not history:
                 raise ConfigError(f"registry: alias {alias!r} of {name} has no earlier version to roll back to")
-            index.aliases[alias] = history.pop()
-            return index.aliases[alias]
+            target = index.get(history.pop())
+            index.move(alias, target, target.passing_verdict(), how="rollback")
+            return target.version
 
     def resolve(self, name: str, alias_or_version: str | int) -> RegistryVersion:
+        """The version an alias or number names, after checking its folder is whole."""
         index = self._read(name)
         number = index.aliases.get(str(alias_or_version), alias_or_version)
-        for version in index.versions:
-            if str(version.version) == str(number):
-                return version
-        raise ConfigError(f"registry: {name} has no version or alias {alias_or_version!r}")
+        version = next((v for v in index.versions if str(v.version) == str(number)), None)
+        if version is None:
+            raise ConfigError(f"registry: {name} has no version or alias {alias_or_version!r}")
+        if problem := self._problem(version):
+            raise RegistryError(
+                f"registry: {version.path} (v{version.version} of {name}) {problem}; re-run the parameters that "
+                "produced it to restore it from their adapter, or point the alias elsewhere (rollback)"
+            )
+        return version

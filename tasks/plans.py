@@ -111,7 +111,7 @@ def plan_training(
             passed = all(gate.passed for gate in check_gates(metrics, params.gates))
             stages["register"] = _status(probe.lookup(
                 register_task, registry_root=params.registry_root, config=config, adapter_dir=trained.adapter_dir,
-                metrics=metrics, passed=passed, alias=registry_alias))
+                metrics=metrics, passed=passed, alias=registry_alias, gates=params.gates))
     return PlannedRun(name=plan.name, dataset=prepared.name, output=plan.root, values=values or {},
                       settings=config.settings, steps=config.total_steps, stages=stages)
 

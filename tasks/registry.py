@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prefect import get_run_logger, task
+from prefect.runtime import flow_run
 
 from loraflow.plan import ResolvedConfig
 from loraflow.registry import Registry, RegistryVersion
@@ -13,24 +14,28 @@ PROMOTED_ALIAS = "production"
 
 
 def _register_key(context, parameters) -> str:
+    config = parameters["config"]
     return fingerprint_key(
         "register",
-        parameters["config"].fingerprint,
+        config.fingerprint,
+        Registry(parameters["registry_root"]).damage(config.name, config.fingerprint),
         adapter_fingerprint(parameters["adapter_dir"]),
         parameters["registry_root"],
         parameters["passed"],
         parameters["alias"],
+        parameters["gates"],
     )
 
 
 @task(name="register-adapter", cache_key_fn=_register_key, **transient_retries())
 def register_task(
     registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool,
-    alias: str = PROMOTED_ALIAS,
+    alias: str = PROMOTED_ALIAS, gates: dict[str, float] | None = None,
 ) -> RegistryVersion:
     """Register a version keyed by the config fingerprint (idempotent: identical inputs never
-    add a version) and point `alias` (`production`; `best` for a variations winner) at it only
-    when every gate passed."""
+    add a version), record the verdict of these `gates` on it, and point `alias` (`production`;
+    `best` for a variations winner) at it only when every gate passed. Keyed on the gates too:
+    the same adapter under other gates is a new verdict, not a cache hit."""
     registry = Registry(registry_root)
     card = {
         "task": config.task,
@@ -41,11 +46,14 @@ def register_task(
         "config": config.model_dump(),
     }
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    version, created = registry.register(config.name, adapter_dir, config.fingerprint, card, scalars, passed)
+    version, outcome = registry.register(config.name, adapter_dir, config.fingerprint, card, scalars, passed,
+                                         gates=gates, alias=alias, flow_run_id=flow_run.get_id())
     logger = get_run_logger()
-    logger.info(f"{'registered' if created else 'already registered as'} {config.name} v{version.version}")
+    said = {"created": "registered", "found": "already registered as",
+            "restored": "restored the missing or incomplete folder of"}[outcome]
+    logger.info(f"{said} {config.name} v{version.version} ({version.path}); verdict {version.verdict}: "
+                f"{'passed' if passed else 'failed'}")
     if passed:
-        registry.promote(config.name, version.version, alias)
         logger.info(f"{config.name}: alias {alias!r} -> v{version.version}")
     events.model_registered(version)
     return version

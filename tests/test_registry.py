@@ -2,10 +2,14 @@
 
 import json
 import multiprocessing
+import os
+import shutil
+import stat
 
 import pytest
 
-from loraflow.errors import ConfigError
+from loraflow.errors import ConfigError, RegistryError
+from loraflow.layout import atomic_write_text
 from loraflow.registry import Registry
 
 
@@ -22,7 +26,8 @@ def test_register_is_idempotent_per_key(tmp_path):
     first, created = registry.register("topics", adapter, "key-1", {"task": "x"}, {"accuracy": 0.9}, True)
     again, created_again = registry.register("topics", adapter, "key-1", {"task": "x"}, {"accuracy": 0.9}, True)
     second, _ = registry.register("topics", adapter, "key-2", {}, {}, False)
-    assert (created, created_again) == (True, False)
+    assert (created, created_again) == ("created", "found")
+    assert len(again.verdicts) == 1
     assert (first.version, again.version, second.version) == (1, 1, 2)
     card = json.loads((tmp_path / "reg" / "topics" / "v1" / "card.json").read_text())
     assert card["key"] == "key-1" and (tmp_path / "reg" / "topics" / "v1" / "adapter_model.safetensors").exists()
@@ -58,6 +63,82 @@ def test_refuses_unsafe_names_and_empty_adapters(tmp_path):
         registry.register("../x", _adapter(tmp_path / "a"), "k", {}, {}, True)
     with pytest.raises(ConfigError, match="holds no adapter"):
         registry.register("n", tmp_path, "k", {}, {}, True)
+
+
+def test_other_gates_add_a_verdict_and_only_a_passing_one_moves_the_alias(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    strict, _ = registry.register("n", adapter, "k", {}, {"accuracy": 0.7}, False, {"accuracy": 0.9}, "production")
+    assert "production" not in registry.index("n").aliases
+    with pytest.raises(ConfigError, match="never passed its gates"):
+        registry.promote("n", 1, "production")
+    lenient, _ = registry.register("n", adapter, "k", {}, {"accuracy": 0.7}, True, {"accuracy": 0.5}, "production",
+                                   flow_run_id="run-2")
+    index = registry.index("n")
+    version = index.versions[0]
+    assert [(v.number, v.gates, v.passed) for v in version.verdicts] == [
+        (1, {"accuracy": 0.9}, False), (2, {"accuracy": 0.5}, True)]
+    assert (version.passed, version.verdict, version.verdicts[1].flow_run_id) == (True, 2, "run-2")
+    assert index.aliases["production"] == 1
+    assert [(m.version, m.verdict, m.how) for m in index.alias_moves["production"]] == [(1, 2, "promote")]
+
+
+def test_a_version_written_before_verdicts_reads_as_one_verdict(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    registry.register("n", _adapter(tmp_path / "a"), "k", {}, {"accuracy": 0.8}, True)
+    index_path = tmp_path / "reg" / "n" / "index.json"
+    old = json.loads(index_path.read_text())
+    for version in old["versions"]:
+        for field in ("verdicts", "verdict", "files", "adapter_fingerprint"):
+            del version[field]
+    index_path.write_text(json.dumps(old))
+    version = registry.resolve("n", 1)
+    assert [(v.gates, v.passed, v.metrics) for v in version.verdicts] == [(None, True, {"accuracy": 0.8})]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_version_folder_is_restored_from_the_same_adapter(tmp_path, damage):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    version, _ = registry.register("n", adapter, "k", {}, {}, True)
+    folder = tmp_path / "reg" / "n" / "v1"
+    if damage == "delete":
+        shutil.rmtree(folder)
+    else:
+        (folder / "adapter_model.safetensors").write_text("w")
+    with pytest.raises(RegistryError, match=f"registry: {folder} \\(v1 of n\\) (is missing|holds adapter_model.+); re-run"):
+        registry.resolve("n", 1)
+    assert registry.damage("n", "k") is not None
+    again, outcome = registry.register("n", adapter, "k", {}, {}, True)
+    assert (outcome, again.version) == ("restored", 1)
+    assert (folder / "adapter_model.safetensors").read_text() == "weights" and registry.damage("n", "k") is None
+    assert registry.resolve("n", 1).path == str(folder)
+
+
+def test_a_damaged_version_folder_is_not_restored_from_other_bytes(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    registry.register("n", _adapter(tmp_path / "a"), "k", {}, {}, True)
+    shutil.rmtree(tmp_path / "reg" / "n" / "v1")
+    other = _adapter(tmp_path / "b", "other weights")
+    with pytest.raises(RegistryError, match="is missing, and .+ is not the adapter registered there; restore"):
+        registry.register("n", other, "k", {}, {}, True)
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    previous = os.umask(0o027)
+    try:
+        registry = Registry(tmp_path / "reg")
+        adapter = _adapter(tmp_path / "a")
+        os.chmod(adapter / "adapter_model.safetensors", 0o600)  # a run folder's own modes do not travel
+        version, _ = registry.register("n", adapter, "k", {}, {}, True)
+        written = atomic_write_text(tmp_path / "out.txt", "x")
+    finally:
+        os.umask(previous)
+    folder = tmp_path / "reg" / "n" / "v1"
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in
+             (written, folder, folder / "adapter_model.safetensors", folder / "card.json", folder.parent / "index.json")}
+    assert modes == {"out.txt": 0o640, "v1": 0o750, "adapter_model.safetensors": 0o640, "card.json": 0o640,
+                     "index.json": 0o640}
 
 
 def _register_many(root, adapter, worker):
