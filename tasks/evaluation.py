@@ -13,9 +13,14 @@ from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retri
 
 
 def _evaluate_key(context, parameters) -> str:
+    config = parameters["config"]
+    # The baseline has no adapter: only what changes the bare model's scores keys it, not LoRA settings.
+    settings = config.settings
+    baseline = [config.model_identity, config.task, config.labels, settings.eval_batch_size, config.seed,
+                settings.max_length]
     return fingerprint_key(
         "evaluate",
-        parameters["config"].fingerprint,
+        config.fingerprint if parameters["adapter_dir"] else baseline,
         parameters["test_shards"],
         adapter_fingerprint(parameters["adapter_dir"]),
         str(parameters["out_path"]),
