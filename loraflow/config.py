@@ -102,6 +102,11 @@ class DatasetSpec(_Strict):
     max_reject_fraction: float = Field(
         default=0.5, ge=0.0, le=1.0, description="Fail when more than this share of rows is rejected."
     )
+    truncate_prompt: Literal["left"] | None = Field(
+        default=None,
+        description="Causal-LM prompt/completion rows longer than max_length: unset cuts the end (a prompt that "
+        "fills max_length leaves no completion and the row is rejected); `left` cuts the prompt's start instead.",
+    )
 
     @model_validator(mode="after")
     def _pair_prompt_and_completion(self) -> "DatasetSpec":

@@ -34,7 +34,10 @@ def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path, seed: int
     """
     prepared = prepare_dataset(spec, task, data_dir, seed=seed)
     counts = ", ".join(f"{split} {count}" for split, count in prepared.counts.items())
-    get_run_logger().info(f"prepared {prepared.name}: {counts}; rejects in {prepared.rejects_path}")
+    logger = get_run_logger()
+    logger.info(f"prepared {prepared.name}: {counts}; rejects in {prepared.rejects_path}")
+    for warning in prepared.warnings:
+        logger.warning(warning)
     events.dataset_prepared(prepared)
     return prepared
 

@@ -239,6 +239,33 @@ def test_class_without_a_training_row(tmp_path):
     assert "dataset.test_fraction" in message
 
 
+def test_one_class_cannot_train(tmp_path):
+    path = write_jsonl(tmp_path / "one.jsonl", labelled_rows(30, labels=("pos",)))
+    message = error_of(tmp_path, path)
+    assert message.startswith(f"{path}: column 'label' (dataset.label_column) holds one class, 'pos'")
+    assert "at least two in the train split" in message
+
+
+def test_a_class_missing_from_the_test_split_is_named_in_a_warning(tmp_path):
+    in_train = [t for t in (f"train only text {i}" for i in range(100)) if position(t) >= 0.5][:3]
+    rows = labelled_rows(60) + [{"text": t, "label": "scarce"} for t in in_train]
+    prepared = prepare(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
+    manifest = json.loads(Path(prepared.manifest_path).read_text())
+    assert manifest["classes_missing"] == {"validation": ["scarce"], "test": ["scarce"]}
+    assert prepared.warnings == manifest["warnings"] and len(prepared.warnings) == 2
+    assert "the test split has no rows of class(es) 'scarce' (3 in all): test metrics cannot score them" in (
+        prepared.warnings[1])
+    assert "add examples of them or raise dataset.test_fraction" in prepared.warnings[1]
+
+
+def test_labels_differing_only_in_case_or_spaces_are_reported(tmp_path):
+    rows = labelled_rows(40, labels=("pos", "neg", "Pos", " neg "))
+    prepared = prepare(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
+    assert prepared.labels == ["Pos", "neg", "pos"]  # spaces trimmed into one class, case kept apart
+    (warning,) = prepared.warnings
+    assert "differ only in case or surrounding spaces: ' neg ' / 'neg'; 'Pos' / 'pos';" in warning
+
+
 def test_reject_fraction_bound(tmp_path):
     rows = labelled_rows(10) + [{"text": "", "label": "pos"}] * 6
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
@@ -390,7 +417,8 @@ def test_prompt_completion_rows_and_samples(tmp_path):
     path = write_jsonl(tmp_path / "qa.jsonl", rows)
     prepared = prepare(tmp_path, path, task="causal-lm", prompt_column="instruction", completion_column="answer")
     train = read_jsonl(prepared.splits["train"])
-    assert train and all(set(r) == {"prompt", "completion"} for r in train)
+    assert train and all(set(r) == {"prompt", "completion", "source"} for r in train)
+    assert all(r["source"] == ["qa.jsonl", int(r["prompt"].split()[1][:-1]) + 1] for r in train)  # where it was read
     samples = read_jsonl(prepared.sample_prompts_path)
     assert samples and all(s["input"] == causal_prompt_text(s["prompt"]) and "reference" in s for s in samples)
     assert causal_prompt_text("Q") == "Q\n"

@@ -22,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from loraflow.config import TASKS, DatasetSpec
 from loraflow.data.readers import Record, read_records, source_files
@@ -33,7 +33,7 @@ from loraflow.layout import atomic_write_bytes, atomic_write_json
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 PROMPT_SEPARATOR = "\n"
 SAMPLE_PROMPTS = 5
-_FORMAT_VERSION = 1  # bump when the normalised output changes for the same input
+_FORMAT_VERSION = 2  # bump when the normalised output changes for the same input
 _SPEC_FIELDS_IGNORED = ("path", "name")  # path: its files' bytes are hashed instead; name: added separately
 _HASH_SCALE = float(2**64)
 _Row = tuple[bytes, tuple[str, ...]]  # (sha256 of the training text, normalised column values)
@@ -58,6 +58,8 @@ class PreparedDataset(BaseModel):
     rejects_path: str
     sample_prompts_path: str
     fingerprint: str
+    truncate_prompt: str | None = None  # dataset.truncate_prompt, for tokenisation
+    warnings: list[str] = Field(default_factory=list)  # what may train badly though it trains
 
 
 def normalise_text(text: str) -> str:
@@ -144,6 +146,7 @@ class _Collector:
         self.first_seen: dict[bytes, tuple[str, str | None]] = {}  # digest -> ("file:line", label)
         self.rejects: list[dict[str, Any]] = []
         self.label_types: dict[str, tuple[str, Any]] = {}  # type name -> ("file:line", raw value)
+        self.raw_labels: set[str] = set()  # string labels as written, before normalising
 
     def reject(self, record: Record, kind: str, reason: str) -> None:
         self.rejects.append(
@@ -212,6 +215,7 @@ class _Collector:
                     f"{k2} ({v2!r} here); make every label the same type"
                 )
         if isinstance(raw, str):
+            self.raw_labels.add(raw)
             return normalise_text(raw)
         if isinstance(raw, (int, float)):  # bool is an int: True -> "True"
             return str(raw)
@@ -243,14 +247,16 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path, seed: in
         if labels is not None:
             _check_classes(by_split, labels, collector)
         _check_splits(by_split, spec)
+        missing = _classes_missing(by_split, labels) if labels is not None else {}
     except DataError:
         atomic_write_bytes(failed_rejects_path, rejects_payload)
         raise
     atomic_write_bytes(rejects_path, rejects_payload)
     failed_rejects_path.unlink(missing_ok=True)
 
-    make_row = _row_maker(labels, collector.prompt_completion)
-    payloads = {split: _jsonl_bytes([make_row(values) for _, values in by_split[split]]) for split in SPLITS}
+    make_row = _row_maker(labels, collector.prompt_completion, _source_of(collector, spec))
+    payloads = {split: _jsonl_bytes([make_row(digest, values) for digest, values in by_split[split]])
+                for split in SPLITS}
     payloads["train"] *= spec.repeats
     digest = hashlib.sha256()
     for split in SPLITS:
@@ -271,6 +277,7 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path, seed: in
     counts["train"] *= spec.repeats
     counts["rejected"] = len(collector.rejects)
 
+    warnings = [*_label_look_alikes(collector), *_missing_warnings(missing, by_split, spec)]
     sources = _source_entries(spec, files)
     manifest_path = data_dir / "manifest.json"
     atomic_write_json(
@@ -286,6 +293,8 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path, seed: in
             "labels": labels,
             "counts": {**counts, "train_unique": len(by_split["train"]), "accepted": len(collector.rows)},
             "label_counts": _label_counts(by_split) if labels is not None else None,
+            "classes_missing": missing,
+            "warnings": warnings,
             "rejected": {"total": counts["rejected"], "by_kind": dict(Counter(r["kind"] for r in collector.rejects))},
             "format_version": _FORMAT_VERSION,
         },
@@ -302,6 +311,8 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path, seed: in
         rejects_path=str(rejects_path.resolve()),
         sample_prompts_path=str(samples_path.resolve()),
         fingerprint=fingerprint,
+        truncate_prompt=spec.truncate_prompt,
+        warnings=warnings,
     )
 
 
@@ -360,6 +371,11 @@ def _split(rows: list[_Row], spec: DatasetSpec) -> dict[str, list[_Row]]:
 
 
 def _check_classes(by_split: dict[str, list], labels: list[str], collector: _Collector) -> None:
+    if len(labels) < 2:
+        raise DataError(
+            f"{collector.spec.path}: column {collector.names[1]!r} (dataset.label_column) holds one class, "
+            f"{labels[0]!r}; classification needs at least two in the train split (add rows of another class)"
+        )
     per_split = {split: Counter(values[1] for _, values in rows) for split, rows in by_split.items()}
     for label in labels:
         total = sum(per_split[split][label] for split in SPLITS)
@@ -377,6 +393,50 @@ def _check_classes(by_split: dict[str, list], labels: list[str], collector: _Col
             )
 
 
+def _classes_missing(by_split: dict[str, list], labels: list[str]) -> dict[str, list[str]]:
+    """Per evaluation split that has rows, the classes it has none of: their scores go unmeasured."""
+    missing = {}
+    for split in SPLITS[1:]:
+        present = {values[1] for _, values in by_split[split]}
+        if by_split[split] and len(present) < len(labels):
+            missing[split] = [label for label in labels if label not in present]
+    return missing
+
+
+def _missing_warnings(missing: dict[str, list[str]], by_split: dict[str, list], spec: DatasetSpec) -> list[str]:
+    if not missing:
+        return []
+    totals = Counter(values[1] for rows in by_split.values() for _, values in rows)
+    return [
+        f"{spec.path}: the {split} split has no rows of class(es) "
+        + ", ".join(f"{label!r} ({totals[label]} in all)" for label in labels)
+        + f": {'test metrics cannot score' if split == 'test' else 'validation cannot see'} them; "
+        f"add examples of them or raise dataset.{split}_fraction"
+        for split, labels in missing.items()
+    ]
+
+
+_MOST_LOOK_ALIKES = 10
+
+
+def _label_look_alikes(collector: _Collector) -> list[str]:
+    """Labels written differently only in case or spaces: spaces are trimmed (one class), case is
+    kept (two classes), and either is more often a typo than a meaning."""
+    groups: dict[str, set[str]] = {}
+    for raw in collector.raw_labels:
+        groups.setdefault(normalise_text(raw).casefold(), set()).add(raw)
+    alike = sorted(sorted(group) for group in groups.values() if len(group) > 1)
+    if not alike:
+        return []
+    shown = "; ".join(" / ".join(repr(label) for label in group) for group in alike[:_MOST_LOOK_ALIKES])
+    more = f" and {len(alike) - _MOST_LOOK_ALIKES} more" if len(alike) > _MOST_LOOK_ALIKES else ""
+    return [
+        f"{collector.spec.path}: column {collector.names[1]!r} has labels that differ only in case or "
+        f"surrounding spaces: {shown}{more}; spaces are trimmed (one class), case is kept (separate classes); "
+        "write them the same way if they mean the same"
+    ]
+
+
 def _check_splits(by_split: dict[str, list], spec: DatasetSpec) -> None:
     total = sum(len(rows) for rows in by_split.values())
     for split, setting in (("train", "test_fraction + dataset.validation_fraction"), ("test", "test_fraction")):
@@ -387,14 +447,27 @@ def _check_splits(by_split: dict[str, list], spec: DatasetSpec) -> None:
             )
 
 
-def _row_maker(labels: list[str] | None, prompt_completion: bool) -> Any:
-    """Values -> the normalised JSONL row of the task: the shapes `tokenize.py` and evaluation read."""
+def _source_of(collector: _Collector, spec: DatasetSpec) -> Any:
+    """Row digest -> [file, line] of where it was read, the file relative to dataset.path (so moving
+    the data changes no prepared byte): tokenisation names it when it rejects the row."""
+    root = Path(spec.path).expanduser()
+
+    def source(digest: bytes) -> list[Any]:
+        where = collector.first_seen[digest][0]
+        file, line = where.rsplit(":", 1)
+        return [Path(file).relative_to(root).as_posix() if root.is_dir() else Path(file).name, int(line)]
+
+    return source
+
+
+def _row_maker(labels: list[str] | None, prompt_completion: bool, source: Any) -> Any:
+    """(digest, values) -> the normalised JSONL row of the task: the shapes `tokenize.py` and evaluation read."""
     if labels is not None:
         label_ids = {name: i for i, name in enumerate(labels)}
-        return lambda values: {"text": values[0], "label": values[1], "label_id": label_ids[values[1]]}
+        return lambda _, values: {"text": values[0], "label": values[1], "label_id": label_ids[values[1]]}
     if prompt_completion:
-        return lambda values: {"prompt": values[0], "completion": values[1]}
-    return lambda values: {"text": values[0]}
+        return lambda digest, values: {"prompt": values[0], "completion": values[1], "source": source(digest)}
+    return lambda _, values: {"text": values[0]}
 
 
 def _jsonl_bytes(rows: list[dict[str, Any]]) -> bytes:
