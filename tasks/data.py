@@ -11,7 +11,7 @@ from prefect.task_runners import TaskRunner
 
 from loraflow.config import DatasetSpec
 from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
-from loraflow.data.tokenize import Shard, plan_shards, shard_paths_by_split, tokenize_shard
+from loraflow.data.tokenize import Shard, collect_rejects, plan_shards, shard_paths_by_split, tokenize_shard
 from loraflow.models import model_identity
 from tasks import events
 from tasks.policies import fingerprint_key, transient_retries
@@ -113,4 +113,7 @@ def tokenize_dataset(
     futures.wait()
     states = [future.state for future in futures]
     paths = [state.result() for state in states]
+    rejects_path, rejected = collect_rejects(prepared, paths, max_length)
+    if rejects_path:
+        get_run_logger().warning(f"{rejected} rows left out: their prompt fills max_length={max_length}; see {rejects_path}")
     return shard_paths_by_split(paths), all(state.name == "Cached" for state in states)

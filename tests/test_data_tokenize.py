@@ -16,6 +16,7 @@ from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text, p
 from loraflow.data.tokenize import (
     IGNORE_INDEX,
     Shard,
+    collect_rejects,
     load_tokenizer,
     plan_shards,
     shard_paths_by_split,
@@ -216,6 +217,56 @@ def test_causal_plain_text_labels_equal_ids_and_truncation_keeps_eos(tmp_path, w
         assert row["labels"] == row["input_ids"] and len(row["input_ids"]) <= 8
         assert row["input_ids"][0] == BOS and row["input_ids"][-1] == EOS
         assert row["attention_mask"] == [1] * len(row["input_ids"])
+
+
+def _long_prompt_rows(long: int) -> list[dict]:
+    """Prompts of 4 words and answers of 3, and `long` prompts of 25 words: past max_length 12."""
+    numbers = "one two three four".split()
+    rows = [{"q": f"question {a} plus {b}", "a": f"answer {a} {b}"} for a in numbers for b in numbers]
+    filler = " ".join(numbers * 5)
+    rows += [{"q": f"question {row['q']} {filler}", "a": "answer paris it"} for row in rows[:long]]
+    return rows
+
+
+def _tokenise_all(prepared: PreparedDataset, tokenizer: str, tmp_path: Path) -> list[str]:
+    return [tokenize_shard(s, tokenizer, "causal-lm", 12, tmp_path / "tok") for s in plan_shards(prepared, 1000)]
+
+
+def test_a_prompt_that_fills_max_length_goes_to_rejects_with_its_line(tmp_path, word_tokenizer):
+    prepared = causal_dataset(tmp_path, _long_prompt_rows(3), prompt_column="q", completion_column="a")
+    paths = _tokenise_all(prepared, word_tokenizer, tmp_path)
+    assert sum(pq.read_table(path).num_rows for path in paths) == 16
+    for row in pa.concat_tables(pq.read_table(path) for path in paths).to_pylist():
+        assert any(label != IGNORE_INDEX for label in row["labels"][:-1])  # a completion token besides eos
+    rejects_path, rejected = collect_rejects(prepared, paths, 12)
+    rejects = read_jsonl(rejects_path)
+    assert rejected == 3 and Path(rejects_path) == Path(prepared.data_dir) / "tokenize-12.rejects.jsonl"
+    assert [(r["file"], r["line"], r["kind"]) for r in rejects] == [
+        (str(tmp_path / "d.jsonl"), line, "prompt_fills_max_length") for line in (17, 18, 19)]
+    assert rejects[0]["reason"].startswith("prompt fills max_length (12 tokens)")
+
+
+def test_truncate_prompt_left_keeps_the_completion(tmp_path, word_tokenizer):
+    prepared = causal_dataset(tmp_path, _long_prompt_rows(3), prompt_column="q", completion_column="a",
+                              truncate_prompt="left")
+    paths = _tokenise_all(prepared, word_tokenizer, tmp_path)
+    assert collect_rejects(prepared, paths, 12) == (None, 0)
+    tokenizer = load_tokenizer(word_tokenizer)
+    answer = tokenizer("answer paris it", add_special_tokens=False)["input_ids"]
+    long_rows = [row for path in paths for row in pq.read_table(path).to_pylist() if len(row["input_ids"]) == 12]
+    assert len(long_rows) == 3
+    for row in long_rows:
+        assert row["input_ids"][0] == BOS and row["labels"][-4:] == [*answer, EOS]
+        assert row["labels"][:-4] == [IGNORE_INDEX] * 8  # bos and the end of the prompt
+
+
+def test_too_many_prompts_filling_max_length_fail_like_other_rejects(tmp_path, word_tokenizer):
+    prepared = causal_dataset(tmp_path, _long_prompt_rows(12), prompt_column="q", completion_column="a",
+                              max_reject_fraction=0.2)
+    with pytest.raises(DataError, match=r"d.jsonl: 12 of 28 rows rejected \(43%; prompt_fills_max_length: 12, "
+                                        r"when preparing: 0\), more than dataset.max_reject_fraction=0.2; see .+"
+                                        r"tokenize-12.rejects.jsonl: shorten the prompts"):
+        collect_rejects(prepared, _tokenise_all(prepared, word_tokenizer, tmp_path), 12)
 
 
 def test_causal_with_a_tokenizer_without_eos(tmp_path):

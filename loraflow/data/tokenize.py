@@ -12,6 +12,9 @@ Parquet schema (unpadded; padding is the collator's job):
 - `labels`: int64 class id (classification), or list<int32> the length of `input_ids`
   (causal-LM) with -100 on prompt tokens; plain text has labels == input_ids.
 Causal-LM rows end with the tokenizer's eos token (when it has one) so the model learns to stop.
+A prompt/completion row whose prompt fills `max_length`, leaving no completion token, would
+teach "prompt, then stop": it is left out of the shard and listed in `<shard>.rejects.jsonl`
+beside it, which `collect_rejects` gathers next to the dataset's own rejects.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pydantic import BaseModel
 from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
 from loraflow.errors import DataError
 from loraflow.fingerprint import hash_json
-from loraflow.layout import atomic_write_bytes
+from loraflow.layout import atomic_write_bytes, atomic_write_jsonl, read_jsonl
 from loraflow.models import IMPORT_LOCK
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss default)
@@ -48,6 +51,7 @@ class Shard(BaseModel):
     stop: int
     fingerprint: str
     offset: int | None = None
+    truncate_prompt: str | None = None  # dataset.truncate_prompt
 
 
 # A shard also closes at this much prepared JSONL, so long rows (causal-LM documents) make
@@ -73,25 +77,27 @@ def plan_shards(prepared: PreparedDataset, shard_size: int) -> list[Shard]:
         with open(source, "rb") as handle:
             for line in handle:
                 if chunk and (len(chunk) == shard_size or chunk_bytes + len(line) > SHARD_MAX_BYTES):
-                    shards.append(_shard(split, source, start, chunk, offset))
+                    shards.append(_shard(split, source, start, chunk, offset, prepared.truncate_prompt))
                     start, offset = start + len(chunk), offset + chunk_bytes
                     chunk, chunk_bytes = [], 0
                 chunk.append(line)
                 chunk_bytes += len(line)
         if chunk or len(shards) == before:
-            shards.append(_shard(split, source, start, chunk, offset))
+            shards.append(_shard(split, source, start, chunk, offset, prepared.truncate_prompt))
     return shards
 
 
-def _shard(split: str, source: str, start: int, lines: list[bytes], offset: int) -> Shard:
+def _shard(split: str, source: str, start: int, lines: list[bytes], offset: int, truncate_prompt: str | None) -> Shard:
     fingerprint = hashlib.sha256(b"".join(lines)).hexdigest()
     stop = start + len(lines)
-    return Shard(split=split, source=source, start=start, stop=stop, fingerprint=fingerprint, offset=offset)
+    return Shard(split=split, source=source, start=start, stop=stop, fingerprint=fingerprint, offset=offset,
+                 truncate_prompt=truncate_prompt)
 
 
 def shard_file_name(shard: Shard, tokenizer_path: str, task: str, max_length: int) -> str:
     """`<split>-<start>-<content hash>-<settings hash>.parquet`: equal name means equal content."""
-    settings = hash_json({"tokenizer": str(tokenizer_path), "task": task, "max_length": max_length})
+    settings = hash_json({"tokenizer": str(tokenizer_path), "task": task, "max_length": max_length,
+                          "truncate_prompt": shard.truncate_prompt, "rejects": 1})
     return f"{shard.split}-{shard.start:010d}-{shard.fingerprint[:16]}-{settings[:8]}.parquet"
 
 
@@ -104,12 +110,47 @@ def tokenize_shard(shard: Shard, tokenizer_path: str, task: str, max_length: int
     if path.is_file():
         return str(path)
     rows = _read_rows(shard)
+    columns: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}  # an empty split: the schema
     if rows:
-        columns = encode(rows, load_tokenizer(str(tokenizer_path)), max_length, shard)
-    else:  # an empty split: a valid, empty file with the task's schema
-        columns = {"input_ids": [], "attention_mask": [], "labels": []}
+        columns, rejects = encode(rows, load_tokenizer(str(tokenizer_path)), max_length, shard)
+        if rejects:  # before the shard: a shard file means its rejects are written too
+            atomic_write_jsonl(_rejects_path(path), rejects)
     atomic_write_bytes(path, _parquet_bytes(columns, task, shard))
     return str(path)
+
+
+def _rejects_path(shard_path: str | Path) -> Path:
+    return Path(shard_path).with_suffix(".rejects.jsonl")
+
+
+def collect_rejects(prepared: PreparedDataset, shard_paths: list[str], max_length: int) -> tuple[str | None, int]:
+    """Gather the shards' rejects into `<data>/tokenize-<max_length>.rejects.jsonl` beside the
+    dataset's `rejects.jsonl`, with the file and line each row was read from; returns its path
+    (None when no row was rejected) and how many rows it lists. Fails as preparation does when,
+    with the rows preparation rejected, more than dataset.max_reject_fraction is rejected."""
+    manifest = json.loads(Path(prepared.manifest_path).read_text(encoding="utf-8"))
+    root = Path(manifest["spec"]["path"]).expanduser()
+    rejects: dict[tuple[str, int], dict[str, Any]] = {}  # by source: a repeated train row is one row
+    for shard_path in shard_paths:
+        if _rejects_path(shard_path).is_file():
+            for row in read_jsonl(_rejects_path(shard_path)):
+                file = str(root / row["source"][0]) if root.is_dir() else str(root)
+                rejects[(file, row["source"][1])] = {"file": file, "line": row["source"][1], **row["reject"]}
+    path = Path(prepared.data_dir) / f"tokenize-{max_length}.rejects.jsonl"
+    if not rejects:
+        path.unlink(missing_ok=True)  # an earlier run's, on other data
+        return None, 0
+    atomic_write_jsonl(path, [rejects[key] for key in sorted(rejects)])
+    counts, bound = manifest["counts"], manifest["spec"]["max_reject_fraction"]
+    rejected, total = counts["rejected"] + len(rejects), counts["rejected"] + counts["accepted"]
+    if rejected / total > bound:
+        raise DataError(
+            f"{manifest['spec']['path']}: {rejected} of {total} rows rejected ({rejected / total:.0%}; "
+            f"prompt_fills_max_length: {len(rejects)}, when preparing: {counts['rejected']}), more than "
+            f"dataset.max_reject_fraction={bound}; see {path}: shorten the prompts, raise max_length, set "
+            "dataset.truncate_prompt: left, or raise dataset.max_reject_fraction"
+        )
+    return str(path), len(rejects)
 
 
 def shard_paths_by_split(paths: list[str]) -> dict[str, list[str]]:
@@ -169,14 +210,18 @@ def _field(rows: list[dict[str, Any]], key: str, shard: Shard) -> list[Any]:
         ) from None
 
 
-def _classification(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> dict[str, list]:
+_Encoded = tuple[dict[str, list], list[dict[str, Any]]]  # the shard's columns, its rejects
+
+
+def _classification(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> _Encoded:
     labels = _field(rows, "label_id", shard)
     input_ids = [encoding.ids for encoding in _encode(tokenizer, _field(rows, "text", shard), max_length)]
-    return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}, []
 
 
-def _causal(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> dict[str, list]:
-    """Mask the prompt by character offsets: exact even where prompt and completion share a token."""
+def _causal(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> _Encoded:
+    """Mask the prompt by character offsets: exact even where prompt and completion share a token.
+    `truncate_prompt: left` cuts long rows from the start (the prompt's) instead of the end."""
     eos = tokenizer.eos_token_id
     room = max_length - 1 if eos is not None else max_length  # keep one place for eos
     prompt_completion = bool(rows) and "prompt" in rows[0]
@@ -187,33 +232,48 @@ def _causal(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: 
     else:
         texts = _field(rows, "text", shard)
         prompt_ends = [0] * len(texts)
-    input_ids, labels = [], []
-    for encoding, prompt_end in zip(_encode(tokenizer, texts, room), prompt_ends):
+    input_ids, labels, rejects = [], [], []
+    side = "left" if shard.truncate_prompt == "left" else None
+    for row, encoding, prompt_end in zip(rows, _encode(tokenizer, texts, room, side), prompt_ends):
         ids = encoding.ids
         if eos is not None and (not ids or ids[-1] != eos):
             ids = ids + [eos]
         if prompt_completion:
             masked = _prompt_mask(encoding.offsets, prompt_end)
+            if all(masked):
+                rejects.append({"source": row["source"], "reject": _prompt_fills(row, max_length)})
+                continue
             row_labels = [IGNORE_INDEX if hidden else token for token, hidden in zip(ids, masked)]
             row_labels += ids[len(masked):]  # the appended eos is a completion token
         else:
             row_labels = list(ids)
         input_ids.append(ids)
         labels.append(row_labels)
-    return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}, rejects
 
 
-def _encode(tokenizer: Any, texts: list[str], max_length: int) -> list[Any]:
+def _prompt_fills(row: dict[str, Any], max_length: int) -> dict[str, Any]:
+    reason = (f"prompt fills max_length ({max_length} tokens): no completion token is left to train on; shorten "
+              "the prompt, raise max_length or set dataset.truncate_prompt: left")
+    return {"reason": reason, "content": row["prompt"][:200], "kind": "prompt_fills_max_length"}
+
+
+def _encode(tokenizer: Any, texts: list[str], max_length: int, side: str | None = None) -> list[Any]:
     """What `tokenizer(texts, truncation=True, max_length=max_length)` computes (special tokens,
     truncation side), as the Rust tokenizer's encodings: transformers would spend as long again
     turning each one into a Python dict of fields this module does not use. Tokenizer classes
     that add steps of their own in Python (seq2seq language codes, LUKE, LayoutLM) go through
-    transformers."""
+    transformers. `side` overrides the tokenizer's truncation side (this thread's own tokenizer)."""
+    side = side or tokenizer.truncation_side
     if not _plain_fast_tokenizer(tokenizer):
-        return tokenizer(texts, truncation=True, max_length=max_length).encodings
+        before, tokenizer.truncation_side = tokenizer.truncation_side, side
+        try:
+            return tokenizer(texts, truncation=True, max_length=max_length).encodings
+        finally:
+            tokenizer.truncation_side = before
     backend = tokenizer.backend_tokenizer
     backend.no_padding()
-    backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction=tokenizer.truncation_side)
+    backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction=side)
     return backend.encode_batch(texts, add_special_tokens=True)
 
 
