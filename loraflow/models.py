@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib
 import json
@@ -42,7 +43,9 @@ def bundled_minilm_dir() -> Path:
 
 
 def resolve_model(reference: str) -> str:
-    """`minilm` -> the bundled directory; a local directory must hold a model; else a hub id."""
+    """`minilm` -> the bundled directory; a local directory must hold a model; else a hub id whose
+    config can be fetched (or is in the local cache): a typo or a missing network fails here, in
+    seconds, with what to do, instead of deep inside a task."""
     if reference == "minilm":
         return str(bundled_minilm_dir())
     path = Path(reference).expanduser()
@@ -53,8 +56,33 @@ def resolve_model(reference: str) -> str:
                 "pass a `save_pretrained` folder, a hub id, or `minilm`"
             )
         return str(path.resolve())
+    close = difflib.get_close_matches(reference.lower(), ["minilm"], n=1)
+    hint = f" (did you mean {close[0]!r}, the bundled offline MiniLM?)" if close else ""
     if reference.startswith((".", "/", "~")) or not _HUB_ID.match(reference):
-        raise ModelError(f"model: {reference!r} does not exist and is not a hub model id")
+        raise ModelError(f"model: {reference!r} does not exist and is not a hub model id{hint}")
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(reference, "config.json"), str):  # cached: no network needed
+        return reference
+    try:
+        hf_hub_download(reference, "config.json")
+    except LocalEntryNotFoundError:
+        why, fix = (("HF_HUB_OFFLINE is set", "download it once with network access (HF_HUB_OFFLINE unset)")
+                    if constants.HF_HUB_OFFLINE else ("the Hugging Face Hub cannot be reached", "connect to the hub"))
+        raise ModelError(
+            f"model: {reference!r} is not in the local Hugging Face cache and {why}; pass a local "
+            f"`save_pretrained` folder, {fix}, or check the name{hint}"
+        ) from None
+    except RepositoryNotFoundError:
+        raise ModelError(
+            f"model: {reference!r} is not a model on the Hugging Face Hub (or a private one: log in with "
+            f"`hf auth login` or set HF_TOKEN); check the name{hint}"
+        ) from None
+    except EntryNotFoundError:
+        raise ModelError(
+            f"model: {reference!r} on the Hugging Face Hub has no config.json: it is not a transformers model"
+        ) from None
     return reference
 
 

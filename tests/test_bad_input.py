@@ -24,7 +24,7 @@ from flows.single import demo_params, single
 from loraflow.config import SingleParams
 from loraflow.data.prepare import prepare_dataset
 from loraflow.plan import plan_run
-from tests.tiny_models import easy_classification_examples
+from tests.tiny_models import build_tiny_llama, easy_classification_examples, tiny_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "reviews"
@@ -55,6 +55,18 @@ def not_a_model(tmp: Path) -> str:
     folder.mkdir()
     (folder / "weights.txt").write_text("hello")
     return str(folder)
+
+
+def long_prompts(long: int, short: int) -> list[str]:
+    """Prompt/completion rows, `long` of them with a prompt of 60 words: past max_length 32."""
+    rows = [{"prompt": f"the cat {i} sat " + "on the red mat " * (15 if i < long else 1), "completion": "the dog."}
+            for i in range(long + short)]
+    return [json.dumps(row) for row in rows]
+
+
+def causal_on_tiny_llama(tmp: Path) -> dict:
+    return {"task": "causal-lm", "model": build_tiny_llama(tmp / "tiny-llama", tiny_corpus(40)),
+            "dataset": {"prompt_column": "prompt", "completion_column": "completion"}}
 
 
 def blocked_output(tmp: Path) -> str:
@@ -111,6 +123,14 @@ CASES: list[tuple[str, Callable[[Path], Path], Callable[[Path], dict], list[str]
      lambda t: {}, ["data.jsonl:7: column 'label' mixes label types: int", "make every label the same type"], 1),
     ("class-too-small", lambda t: jsonl(t / "data.jsonl", rows_json(20, lambda i: "rare" if i == 19 else "ab"[i % 2])),
      lambda t: {}, ["data.jsonl:20: class 'rare' has only 1 example; every class needs at least 2"], 1),
+    ("one-class", lambda t: jsonl(t / "data.jsonl", rows_json(12, lambda i: "a")), lambda t: {},
+     ["data.jsonl: column 'label' (dataset.label_column) holds one class, 'a'; classification needs at least two"], 1),
+    ("hub-id-typo", GOOD, lambda t: {"model": "minlm"},
+     ["model: 'minlm' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+      "pass a local `save_pretrained` folder", "(did you mean 'minilm', the bundled offline MiniLM?)"], 2),
+    ("prompt-fills-max-length", lambda t: jsonl(t / "data.jsonl", long_prompts(14, 6)), causal_on_tiny_llama,
+     ["data.jsonl: 14 of 20 rows rejected (70%; prompt_fills_max_length: 14, when preparing: 0)",
+      "tokenize-32.rejects.jsonl", "dataset.truncate_prompt: left"], 1),
     ("not-utf8", lambda t: _write_bytes(t / "data.jsonl", b'{"text": "caf\xe9 au lait", "label": "a"}\n' * 5),
      lambda t: {}, ["data.jsonl: no usable rows: all 5 rows were rejected (invalid_utf8: 5)"], 1),
     ("very-long-lines", lambda t: jsonl(t / "data.jsonl", [json.dumps({"text": "word " * 60_000, "label": "a"})] * 3),
