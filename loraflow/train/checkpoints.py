@@ -18,8 +18,19 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
+from loraflow.fingerprint import hash_file, hash_json
 from loraflow.layout import atomic_write_text
+from loraflow.models import model_identity
+from loraflow.train.request import TrainRequest
 
+# Settings that change what is logged or kept, not the weights: a change must not discard checkpoints.
+# The batch split is neutral too: only the effective batch (batch_size x accumulation x processes)
+# shapes the optimiser steps, so a run that halved its batch after an out-of-memory error resumes
+# the same checkpoints.
+_RESUME_NEUTRAL_SETTINGS = {
+    "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "max_new_tokens",
+    "batch_size", "gradient_accumulation_steps",
+}
 FINGERPRINT_FILE = "loraflow_config_fingerprint.txt"
 COMPLETE_MARKER = "loraflow_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -100,3 +111,32 @@ def claim_checkpoint_dir(checkpoint_dir: str | Path, fingerprint: str, log: Call
         shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(marker, fingerprint + "\n")
+
+
+def config_fingerprint(request: TrainRequest) -> str:
+    """What determines the trained weights: the request minus its paths, plus model and data identity.
+    Only the effective batch counts (per-device batch x accumulation x processes): any split of it
+    trains the same optimiser steps, so its checkpoints stay valid."""
+    settings = request.settings.model_dump(exclude=_RESUME_NEUTRAL_SETTINGS)
+    settings["effective_batch_size"] = request.effective_batch_size
+    return hash_json(
+        {
+            "model": model_identity(request.model_path),
+            "task": request.task,
+            "labels": request.labels,
+            "seed": request.seed,
+            "settings": settings,
+            "train_data": [hash_file(path) for path in request.train_shards],
+        }
+    )
+
+
+def prepare_checkpoints(request: TrainRequest, log: Callable[[str], None] = print) -> str | None:
+    """Make the checkpoint folder this configuration's, drop checkpoints past the resume point, and
+    return the checkpoint to resume from. Done once before training starts (by the launcher, before
+    any rank exists), because several ranks changing one folder would race."""
+    claim_checkpoint_dir(request.checkpoint_dir, config_fingerprint(request), log)
+    resume_from = find_resumable_checkpoint(request.checkpoint_dir, log)
+    if resume_from:
+        discard_checkpoints_after(request.checkpoint_dir, int(read_trainer_state(Path(resume_from))["global_step"]), log)
+    return resume_from

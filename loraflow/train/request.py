@@ -6,9 +6,12 @@ around without importing torch, transformers and peft (seconds on a small machin
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from collections.abc import Callable
+
+from pydantic import BaseModel, Field
 
 from loraflow.config import TrainingSettings
+from loraflow.errors import TrainingOutOfMemory
 
 
 class TrainRequest(BaseModel):
@@ -22,6 +25,31 @@ class TrainRequest(BaseModel):
     adapter_dir: str
     logs_dir: str
     seed: int = 42
+    processes: int = Field(default=1, ge=1, description="Training processes in all (devices x nodes), one per device.")
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Examples per optimiser step: what shapes the training, however it is split."""
+        return self.settings.batch_size * self.settings.gradient_accumulation_steps * self.processes
+
+
+def smaller_batch(settings: TrainingSettings, error: BaseException, log: Callable[[str], None]) -> TrainingSettings:
+    """Half the per-device batch (or its largest divisor below half) and as much more accumulation:
+    the effective batch stays, so the checkpoints stay valid. At batch size 1, `TrainingOutOfMemory`."""
+    size, accumulation = settings.batch_size, settings.gradient_accumulation_steps
+    if size == 1:
+        raise TrainingOutOfMemory(
+            f"training ran out of memory even at batch_size 1 (gradient_accumulation_steps {accumulation}): "
+            f"{str(error).splitlines()[0] if str(error) else 'CUDA out of memory'}; lower overrides.max_length, "
+            "use a smaller model, or free the GPU"
+        ) from None
+    smaller = next(d for d in range(size // 2, 0, -1) if size % d == 0)
+    more = accumulation * size // smaller
+    log(
+        f"warning: out of memory at batch_size {size}; retrying from the last checkpoint with batch_size {smaller}, "
+        f"gradient_accumulation_steps {more} (effective batch {smaller * more})"
+    )
+    return settings.model_copy(update={"batch_size": smaller, "gradient_accumulation_steps": more})
 
 
 class ProgressUpdate(BaseModel):
@@ -46,3 +74,9 @@ class TrainResult(BaseModel):
     precision: str
     batch_size: int
     gradient_accumulation_steps: int
+    # Filled in by the launcher (loraflow.train.launch): where and when the training ran.
+    devices: list[str] = Field(default_factory=list, description="Devices used: `cuda:0`, `cpu:1`, ...")
+    processes: int = 1
+    nnodes: int = 1
+    started_at: str | None = None
+    finished_at: str | None = None

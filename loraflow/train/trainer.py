@@ -29,30 +29,20 @@ from transformers import (
     set_seed,
 )
 
-from loraflow.config import TrainingSettings
-from loraflow.errors import ConfigError, DataError, TrainingOutOfMemory, TrainingStopped
-from loraflow.fingerprint import hash_file, hash_json
+from loraflow.errors import ConfigError, DataError, TrainingStopped
 from loraflow.layout import atomic_write_json
-from loraflow.models import model_identity
-from loraflow.train.checkpoints import (
-    claim_checkpoint_dir,
-    discard_checkpoints_after,
+from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: part of this module's API)
+    config_fingerprint,
     find_resumable_checkpoint,
     mark_checkpoint_complete,
+    prepare_checkpoints,
     read_trainer_state,
 )
 from loraflow.train.data import TokenizedDataset, collator_for
 from loraflow.train.device import DevicePlan, pick_device
-from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
+from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult, smaller_batch
 
 CLASSIFICATION = "sequence-classification"
-# Settings that change what is logged or kept, not the weights: a change must not discard checkpoints.
-# The batch split is neutral too: only the effective batch (batch_size x accumulation) shapes the
-# optimiser steps, so a run that halved its batch after an out-of-memory error resumes the same checkpoints.
-_RESUME_NEUTRAL_SETTINGS = {
-    "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "max_new_tokens",
-    "batch_size", "gradient_accumulation_steps",
-}
 STOP_CHECK_SECONDS = 1.0
 
 
@@ -89,69 +79,45 @@ def model_dtype(plan: DevicePlan) -> torch.dtype:
     return torch.bfloat16 if plan.bf16 else torch.float32
 
 
-def config_fingerprint(request: TrainRequest) -> str:
-    """What determines the trained weights: the request minus its paths, plus model and data identity."""
-    settings = request.settings.model_dump(exclude=_RESUME_NEUTRAL_SETTINGS)
-    settings["effective_batch_size"] = request.settings.batch_size * request.settings.gradient_accumulation_steps
-    return hash_json(
-        {
-            "model": model_identity(request.model_path),
-            "task": request.task,
-            "labels": request.labels,
-            "seed": request.seed,
-            "settings": settings,
-            "train_data": [hash_file(path) for path in request.train_shards],
-        }
-    )
-
-
 def train_adapter(
     request: TrainRequest,
     on_progress: Callable[[ProgressUpdate], None] | None = None,
     log: Callable[[str], None] = print,
     should_stop: Callable[[], bool] | None = None,
     callbacks: tuple[TrainerCallback, ...] = (),
+    checkpoints_prepared: bool = False,
+    back_off_out_of_memory: bool = True,
 ) -> TrainResult:
     """Train (or resume training) a LoRA adapter and save it to `request.adapter_dir`.
 
     Out of memory, it retries from the last complete checkpoint with a smaller per-device batch
-    and more accumulation (the same effective batch), down to 1, then raises `TrainingOutOfMemory`.
+    and more accumulation (the same effective batch), down to 1, then raises `TrainingOutOfMemory`;
+    with `back_off_out_of_memory=False` the error is raised instead (a distributed run's other ranks
+    would wait for the failed one for ever: its launcher restarts them all with the smaller batch).
     `should_stop` is polled about once a second: when it answers True the trainer saves a
     checkpoint and `TrainingStopped` is raised, so a cancelled run can be resumed later.
     `callbacks` are extra Trainer callbacks (instrumentation, fault injection).
+    `checkpoints_prepared`: the launcher already ran `prepare_checkpoints`.
     """
     plan = pick_device()
     train_data = TokenizedDataset(request.train_shards)
     if len(train_data) == 0:
         raise DataError(f"train split is empty ({len(request.train_shards)} shards)")
     eval_data = TokenizedDataset(request.eval_shards) if request.eval_shards else None
-    claim_checkpoint_dir(request.checkpoint_dir, config_fingerprint(request), log)
     settings = request.settings
     while True:
         attempt = request.model_copy(update={"settings": settings})
+        resume_from = find_resumable_checkpoint(request.checkpoint_dir, log) if checkpoints_prepared else \
+            prepare_checkpoints(attempt, log)
         try:
-            return _train_once(attempt, plan, train_data, eval_data, on_progress, log, should_stop, callbacks)
+            return _train_once(attempt, plan, resume_from, train_data, eval_data, on_progress, log, should_stop,
+                               callbacks)
         except torch.cuda.OutOfMemoryError as error:
-            settings = _smaller_batch(settings, error, log)
+            if not back_off_out_of_memory:
+                raise
+            settings = smaller_batch(settings, error, log)
+            checkpoints_prepared = False
         _release_memory()  # out here the error's traceback no longer pins the failed attempt's model
-
-
-def _smaller_batch(settings: TrainingSettings, error: BaseException, log: Callable[[str], None]) -> TrainingSettings:
-    """Half the per-device batch (or its largest divisor below half) and as much more accumulation."""
-    size, accumulation = settings.batch_size, settings.gradient_accumulation_steps
-    if size == 1:
-        raise TrainingOutOfMemory(
-            f"training ran out of memory even at batch_size 1 (gradient_accumulation_steps {accumulation}): "
-            f"{str(error).splitlines()[0] if str(error) else 'CUDA out of memory'}; lower overrides.max_length, "
-            "use a smaller model, or free the GPU"
-        ) from None
-    smaller = next(d for d in range(size // 2, 0, -1) if size % d == 0)
-    more = accumulation * size // smaller
-    log(
-        f"warning: out of memory at batch_size {size}; retrying from the last checkpoint with batch_size {smaller}, "
-        f"gradient_accumulation_steps {more} (effective batch {smaller * more})"
-    )
-    return settings.model_copy(update={"batch_size": smaller, "gradient_accumulation_steps": more})
 
 
 def _release_memory() -> None:
@@ -163,6 +129,7 @@ def _release_memory() -> None:
 def _train_once(
     request: TrainRequest,
     plan: DevicePlan,
+    resume_from: str | None,
     train_data: TokenizedDataset,
     eval_data: TokenizedDataset | None,
     on_progress: Callable[[ProgressUpdate], None] | None,
@@ -170,12 +137,10 @@ def _train_once(
     should_stop: Callable[[], bool] | None,
     callbacks: tuple[TrainerCallback, ...],
 ) -> TrainResult:
-    resume_from = find_resumable_checkpoint(request.checkpoint_dir, log)
     resumed_from_step = None
     if resume_from:
         state = read_trainer_state(Path(resume_from))
         resumed_from_step = int(state["global_step"])
-        discard_checkpoints_after(request.checkpoint_dir, resumed_from_step, log)
         log(f"resuming from {Path(resume_from).name} (step {resumed_from_step} of {state.get('max_steps', '?')})")
 
     set_seed(request.seed)  # before loading: the classifier head and LoRA weights are initialised here
@@ -204,7 +169,8 @@ def _train_once(
             f"checkpoint-{stopper.stopped_at} is saved in {request.checkpoint_dir}: run again to resume"
         )
 
-    _save_adapter(trainer.model, tokenizer, request)
+    if trainer.is_world_process_zero():
+        _save_adapter(trainer.model, tokenizer, request)
     steps_this_run = output.global_step - (resumed_from_step or 0)
     samples_per_second = output.metrics.get("train_samples_per_second")
     tokens_per_sample = train_data.num_tokens() / len(train_data)
@@ -261,6 +227,8 @@ def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool
         bf16=plan.bf16,
         fp16=plan.fp16,
         use_cpu=plan.device == "cpu",
+        ddp_backend="gloo" if plan.device == "cpu" and request.processes > 1 else None,
+        ddp_find_unused_parameters=False,  # LoRA trains a fixed set of parameters: skip DDP's graph walk
         seed=request.seed,
         data_seed=request.seed,
         report_to="none",
@@ -276,21 +244,28 @@ class _MarkCheckpointsComplete(TrainerCallback):
     """The Trainer writes a checkpoint file by file; the marker, written last and atomically, vouches for all of it."""
 
     def on_save(self, args, state, control, **kwargs):
-        mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+        if state.is_world_process_zero:  # the rank that wrote the files vouches for them
+            mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
 
 class _StopWhenAsked(TrainerCallback):
     """Polls `should_stop` after the first step, then at most once per STOP_CHECK_SECONDS; on yes,
-    save a checkpoint and stop."""
+    save a checkpoint and stop. In a distributed run the ranks agree at every step (one tiny
+    all-reduce): a rank that stopped alone would leave the others waiting in the next all-reduce."""
 
     def __init__(self, should_stop: Callable[[], bool] | None):
         self.should_stop, self.checked_at, self.stopped_at = should_stop, float("-inf"), None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.should_stop is None or time.monotonic() - self.checked_at < STOP_CHECK_SECONDS:
-            return
-        self.checked_at = time.monotonic()
-        if self.should_stop():
+        asked = False
+        if self.should_stop is not None and time.monotonic() - self.checked_at >= STOP_CHECK_SECONDS:
+            self.checked_at = time.monotonic()
+            asked = self.should_stop()
+        if args.world_size > 1:
+            flag = torch.tensor([int(asked)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            asked = bool(flag.item())
+        if asked:
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
 
@@ -307,6 +282,8 @@ class _ProgressReporter(TrainerCallback):
         self.started_at, self.first_step = time.monotonic(), state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero:  # one metrics.jsonl and one progress line per step, whatever the ranks
+            return
         logs = logs or {}
         epoch = float(state.epoch or 0.0)
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
