@@ -18,6 +18,7 @@ from pydantic import BaseModel
 
 from loraflow.batch import BatchResult
 from loraflow.config import load_params_file
+from loraflow.devices import check_devices
 from loraflow.errors import LoraflowError
 from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, summary_text
@@ -28,6 +29,12 @@ USAGE = (
     "usage: python flows/{name}.py [PARAMS.yaml|PARAMS.json] [--plan]\n"
     "  no file: run the bundled demo; --plan: print the execution plan and train nothing"
 )
+
+
+def most_devices(params: BaseModel) -> int:
+    """The most devices one training of these parameters asks for (a batch's datasets and a grid may set their own)."""
+    counts = [params.devices, *(dataset.devices or 1 for dataset in getattr(params, "datasets", []))]
+    return max(counts + list(getattr(params, "grid", {}).get("devices", [])))
 
 
 def run_from_command_line(
@@ -51,6 +58,8 @@ def run_from_command_line(
             params = params.model_copy(update={"plan_only": True})
         if preflight is not None:
             preflight(params)
+        if params.training_dispatch != "deployment":  # training runs on this host: it must have the devices
+            check_devices(most_devices(params))
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,9 +25,9 @@ from loraflow.gates import check_gates
 from loraflow.plan import PreparedData, RunPlan, plan_run, resolve_config, write_resolved_config
 from loraflow.report import RunResult, failure_message, write_result
 from tasks.data import prepare_dataset_task
-from tasks.dispatch import should_dispatch, train_stage
+from tasks.dispatch import train_stage
 from tasks.evaluation import evaluate_task, samples_task
-from tasks.pipeline import model_turn, result_storage, tokenize_stage, train_request
+from tasks.pipeline import result_storage, tokenize_stage, train_request
 from tasks.plans import plan_single
 from tasks.registry import PROMOTED_ALIAS, register_task
 from tasks.reporting import final_state, plan_state, publish_summary
@@ -42,8 +42,7 @@ def demo_params(output_dir: str = "runs") -> SingleParams:
 
 @flow(name="single", description="One dataset to a trained, evaluated and registered LoRA adapter.")
 def single(params: SingleParams) -> State:
-    with model_turn():  # the LoRA-target check builds the model on the meta device
-        plan = plan_run(params)
+    plan = plan_run(params)
     if params.plan_only:
         return plan_state(plan_single(plan))
     data = prepare_data(plan)
@@ -64,8 +63,7 @@ def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PreparedData
               for length in sorted({config.settings.max_length, *max_lengths})}
     test_shards = shards[config.settings.max_length]["test"]
     baseline_path = layout.eval / "baseline.json"
-    with model_turn():
-        baseline = stages.run("baseline", evaluate_task, config, test_shards, None, baseline_path)
+    baseline = stages.run("baseline", evaluate_task, config, test_shards, None, baseline_path)
     return PreparedData(prepared=prepared, shards=shards, baseline=baseline, baseline_path=str(baseline_path),
                         timings=stages.timings, cached=stages.cached)
 
@@ -81,14 +79,11 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
     shards = data.shards[config.settings.max_length]
 
     request = train_request(plan, config, shards)
-    with model_turn(dispatched=should_dispatch(params.training_dispatch)):
-        trained = train_stage(stages, config, request, params)
-
-    with model_turn():
-        metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir,
-                             layout.eval / "metrics.json")
-        samples = stages.run("samples", samples_task, config, trained.adapter_dir, data.prepared.sample_prompts_path,
-                             layout.samples / "predictions.jsonl")
+    trained = train_stage(stages, config, request, params)
+    metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir,
+                         layout.eval / "metrics.json")
+    samples = stages.run("samples", samples_task, config, trained.adapter_dir, data.prepared.sample_prompts_path,
+                         layout.samples / "predictions.jsonl")
 
     gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gates)}
     passed = all(gate.passed for gate in gates.values())

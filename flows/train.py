@@ -31,5 +31,5 @@ def train(params: TrainJob) -> TrainOutcome:
     use_hub_token()
     stages = StageRecorder(Path(params.result_storage))
     limit = concurrency_limit_for_worker(params.concurrency_limit)
-    result = stages.run("train", train_adapter_task, params.config, params.request, limit)
+    result = stages.run("train", train_adapter_task, params.config, params.request, limit, params.launch)
     return TrainOutcome(result=result, cached=stages.cached["train"])

@@ -5,8 +5,8 @@
     python flows/variations.py params.yaml --plan   # every variant's name, settings and steps; train nothing
 
 The dataset is prepared and tokenised once (`prepare_data`); each variant then trains and
-evaluates as its own subflow run named by `name_template`, as many at once as the GPU
-concurrency limit has slots. `leaderboard.csv` (and a table artifact) ranks them by
+evaluates as its own subflow run named by `name_template`, as many at once as there are free
+devices (and slots of the GPU concurrency limit): two device slots train two variants at a time. `leaderboard.csv` (and a table artifact) ranks them by
 `metric`; the best variant that passes its gates is registered under the dataset's name
 with the alias `best`. The run ends Failed when no variant passed or a variant broke.
 """
@@ -37,7 +37,8 @@ from tasks.plans import plan_variations
 from tasks.registry import register_task
 from tasks.reporting import final_state, plan_state, publish_leaderboard
 from tasks.stages import StageRecorder
-from tasks.subflows import gpu_slots, run_subflows, subflow_outcome
+from tasks.dispatch import should_dispatch
+from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
 
 SAMPLE = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data" / "topics.csv"
 
@@ -62,7 +63,9 @@ def variations(params: VariationsParams) -> State:
     data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
     calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
                                    return_state=True) for variant, plan in variants}
-    states = run_subflows(calls, gpu_slots(params.gpu_concurrency_limit), stop_on_failure=False)
+    at_once = training_parallelism(params.gpu_concurrency_limit, max(plan.params.devices for _, plan in variants),
+                                   dispatched=should_dispatch(params.training_dispatch))
+    states = run_subflows(calls, at_once, stop_on_failure=False)
 
     metric = rank_metric(params)
     ranked = leaderboard([RunOutcome.of(variant.name, subflow_outcome(states.get(variant.name)), tuple(data.timings),

@@ -174,7 +174,22 @@ class RunSettings(_Strict):
         default=None, description="Address of an existing Dask scheduler for tokenisation; a local cluster if unset."
     )
     gpu_concurrency_limit: str = Field(
-        default="gpu", description="Global concurrency limit a training run holds a slot of."
+        default="gpu", description="Global concurrency limit a training run holds one slot of per device."
+    )
+    devices: int = Field(
+        default=1, ge=1,
+        description="Devices one training uses, one DDP process each (GPUs; on a host without GPUs, CPU slots "
+        "of LORAFLOW_CPU_DEVICES). `batch_size` stays per device.",
+    )
+    nnodes: int = Field(
+        default=1, ge=1,
+        description="Machines one training spans (torchrun --nnodes); the rendezvous comes from "
+        "LORAFLOW_RDZV_ENDPOINT in the training job's environment.",
+    )
+    training_hang_timeout_s: float = Field(
+        default=1800, gt=0,
+        description="End a training whose processes report no step for this long (a hung collective, a stuck "
+        "load) and fail it with its last checkpoint named; a retry resumes from there.",
     )
     training_dispatch: Literal["auto", "inline", "deployment"] = Field(
         default="auto",
@@ -247,9 +262,10 @@ class BatchDataset(DatasetSpec):
     preset: str | None = Field(default=None, description="This dataset's preset; the batch's when unset.")
     overrides: dict[str, Any] = Field(default_factory=dict, description="Merged over the batch's overrides.")
     gates: dict[str, float] | None = Field(default=None, description="Replace the batch's gates for this dataset.")
+    devices: int | None = Field(default=None, ge=1, description="Devices this dataset's training uses; the batch's when unset.")
 
 
-_OWN_RUN_SETTINGS = ("task", "model", "preset", "overrides", "gates")
+_OWN_RUN_SETTINGS = ("task", "model", "preset", "overrides", "gates", "devices")
 
 
 class BatchParams(RunSettings):

@@ -44,7 +44,10 @@ class HostDevices:
 
     @property
     def threads_per_slot(self) -> int:
-        """Torch threads for a process holding one CPU slot: the host's cores shared out."""
+        """Torch threads for a process holding one CPU slot: the host's cores shared out, unless
+        OMP_NUM_THREADS says how many each process should use."""
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+            return int(os.environ["OMP_NUM_THREADS"])
         return max(1, self.cores // max(1, len(self.ids)))
 
 
@@ -122,9 +125,9 @@ class DeviceLease:
         return [f"{self.host.kind}:{device}" for device in self.ids]
 
     def env(self) -> dict[str, str]:
-        if self.host.kind == "cuda":
-            return {"CUDA_VISIBLE_DEVICES": ",".join(self.ids)}
         threads = str(self.host.threads_per_slot)
+        if self.host.kind == "cuda":
+            return {"CUDA_VISIBLE_DEVICES": ",".join(self.ids), "OMP_NUM_THREADS": threads}
         # No GPU to hide, but a child must not find one either; its torch uses its share of the cores.
         return {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": threads, "LORAFLOW_TORCH_THREADS": threads}
 
@@ -172,6 +175,15 @@ def _acquire_all(host: HostDevices, count: int, holder: str) -> DeviceLease | No
     return None
 
 
+def check_devices(count: int) -> HostDevices:
+    """Refuse, before any work, a training that asks for more devices than this host has."""
+    host = host_devices()
+    if count > len(host.ids):
+        fix = "set LORAFLOW_CPU_DEVICES" if host.kind == "cpu" else "lower `devices`, or free LORAFLOW_DEVICES"
+        raise ConfigError(f"devices: {count} asked for, but this host has {len(host.ids)} {host.kind} slot(s); {fix}")
+    return host
+
+
 @contextmanager
 def lease_devices(
     count: int,
@@ -181,10 +193,7 @@ def lease_devices(
 ) -> Iterator[DeviceLease]:
     """Hold `count` devices of this host for the duration; waits (saying so once, with who holds them)
     while they are busy, and gives up with `TrainingStopped` when `should_stop` says the run was cancelled."""
-    host = host_devices()
-    if count > len(host.ids):
-        fix = "set LORAFLOW_CPU_DEVICES" if host.kind == "cpu" else "lower `devices`, or free LORAFLOW_DEVICES"
-        raise ConfigError(f"devices: {count} asked for, but this host has {len(host.ids)} {host.kind} slot(s); {fix}")
+    host = check_devices(count)
     lease, told = _acquire_all(host, count, holder), False
     while lease is None:
         if not told:

@@ -4,32 +4,17 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import importlib
 import json
 import re
-import threading
 from importlib import metadata
 from pathlib import Path
-from types import ModuleType
 
 from loraflow.errors import ConfigError, ModelError
 from loraflow.fingerprint import hash_json
 from loraflow.layout import atomic_write_json
+from loraflow.model_process import run_model_work
 
-# transformers' lazy module imports are not thread-safe on first use: whatever imports torch,
-# transformers or peft from a thread (a tokenizer, a trainer, a model check) does it under this.
-IMPORT_LOCK = threading.RLock()
-
-
-def locked_import(module: str) -> ModuleType:
-    """Import a module that pulls in torch, transformers or peft, under IMPORT_LOCK. Callers name
-    the module instead of holding the lock themselves: a Prefect task whose body referred to the
-    lock could not be pickled for Dask along with a flow that calls it."""
-    with IMPORT_LOCK:
-        return importlib.import_module(module)
-
-
-# Bump when `_built_linear_module_names` changes what it reports: remembered names go stale.
+# Bump when `built_linear_module_names` changes what it reports: remembered names go stale.
 _LINEAR_MODULES_MEMO_VERSION = 1
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
@@ -108,7 +93,8 @@ def linear_module_names(resolved: str, task: str, cache_dir: Path | None = None,
     remembered = _read_names(memo) if memo is not None else None
     if remembered is not None:
         return remembered
-    names = _built_linear_module_names(resolved, task)
+    # Building even an empty model changes process-global torch state: it is done in a model process.
+    names = run_model_work("loraflow.models:built_linear_module_names", resolved, task)
     if memo is not None and remember:
         try:
             atomic_write_json(memo, sorted(names))
@@ -128,12 +114,11 @@ def _read_names(memo: Path) -> set[str] | None:
     return None
 
 
-def _built_linear_module_names(resolved: str, task: str) -> set[str]:
+def built_linear_module_names(resolved: str, task: str) -> set[str]:
     """From the model's config on the meta device (no weights read)."""
-    with IMPORT_LOCK:
-        import torch
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     try:
         config = AutoConfig.from_pretrained(resolved)

@@ -53,6 +53,7 @@ class ResolvedConfig(BaseModel):
     labels: list[str] | None
     dataset_fingerprint: str
     train_rows: int
+    processes: int = 1  # devices x nodes: one DDP process each, each with its own batch_size rows per step
     steps_per_epoch: int
     total_steps: int
     seed: int
@@ -104,7 +105,8 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
 def resolve_config(plan: RunPlan, prepared: PreparedDataset) -> ResolvedConfig:
     settings = plan.settings
     train_rows = prepared.counts["train"]
-    steps_per_epoch = max(1, math.ceil(train_rows / (settings.batch_size * settings.gradient_accumulation_steps)))
+    processes = plan.params.devices * plan.params.nnodes
+    steps_per_epoch = max(1, math.ceil(train_rows / (settings.batch_size * settings.gradient_accumulation_steps * processes)))
     return ResolvedConfig(
         name=plan.name,
         task=plan.params.task,
@@ -115,6 +117,7 @@ def resolve_config(plan: RunPlan, prepared: PreparedDataset) -> ResolvedConfig:
         labels=prepared.labels,
         dataset_fingerprint=prepared.fingerprint,
         train_rows=train_rows,
+        processes=processes,
         steps_per_epoch=steps_per_epoch,
         total_steps=math.ceil(steps_per_epoch * settings.num_epochs),
         seed=plan.params.seed,

@@ -36,6 +36,7 @@ from loraflow.plan import RunPlan, plan_run
 from loraflow.report import RunOutcome, outcome_line
 
 DEFAULT_METRIC = {"sequence-classification": "accuracy", "causal-lm": "eval_loss"}
+RUN_SETTING_KEYS = ("devices",)  # grid keys that are run parameters rather than preset keys
 SHARED_DATA_FOLDER = "data"  # the prepared dataset every variant trains on, beside the variant folders
 BEST_ALIAS = "best"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -48,6 +49,7 @@ class Variant(BaseModel):
     name: str
     values: dict[str, Any]
     overrides: dict[str, Any]
+    run_settings: dict[str, Any] = {}  # RUN_SETTING_KEYS this variant sets
 
 
 def rank_metric(params: VariationsParams) -> str:
@@ -120,7 +122,12 @@ def expand_variations(params: VariationsParams) -> list[Variant]:
     variants: list[Variant] = []
     for index, assignments in enumerate(itertools.product(*axes), start=1):
         values = {key: value for assignment in assignments for key, value in assignment.items()}
-        overrides = {**params.overrides, **values}
+        run_settings = {key: value for key, value in values.items() if key in RUN_SETTING_KEYS}
+        overrides = {**params.overrides, **{key: value for key, value in values.items() if key not in run_settings}}
+        for key, value in run_settings.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"grid: variant {index} ({variation_label(values)}): {key}: {value!r} is not a whole "
+                                  "number of devices (1 or more)")
         try:
             resolve_training_settings(params.preset_name, overrides, params.task)
         except ConfigError as error:
@@ -133,7 +140,8 @@ def expand_variations(params: VariationsParams) -> list[Variant]:
             **{key.replace(".", "_"): value for key, value in values.items()},
         }
         name = render_name(params.name_template, fields, index)
-        variants.append(Variant(index=index, name=name, values=values, overrides=expand_dotted(overrides)))
+        variants.append(Variant(index=index, name=name, values=values, overrides=expand_dotted(overrides),
+                                run_settings=run_settings))
     _check_distinct(variants, params.name_template)
     return variants
 
@@ -174,7 +182,7 @@ def variant_plans(params: VariationsParams) -> tuple[RunPlan, list[tuple[Variant
             check_target_modules(settings.lora.target_modules, base.model_path, params.task,
                                  cache_dir(params.output_dir), remember=not params.plan_only)
         update = {
-            "params": SingleParams(**{**shared, "overrides": variant.overrides}),
+            "params": SingleParams(**{**shared, "overrides": variant.overrides, **variant.run_settings}),
             "name": variant.name,
             "settings": settings,
             "root": str(variant_root(root, variant.name)),

@@ -21,6 +21,7 @@ from blocks import LoraflowStorage, TrainingInfrastructure
 from loraflow.config import SingleParams
 from loraflow.errors import LoraflowError
 from loraflow.plan import ResolvedConfig
+from loraflow.train.launch import LaunchOptions
 from loraflow.train.request import TrainRequest, TrainResult
 from tasks import events
 from tasks.stages import StageRecorder
@@ -36,6 +37,7 @@ class TrainJob(BaseModel):
     config: ResolvedConfig
     request: TrainRequest
     concurrency_limit: str
+    launch: LaunchOptions = LaunchOptions()
     result_storage: str  # the pipeline's cache folder, shared by inline and dispatched training
 
 
@@ -54,19 +56,25 @@ def should_dispatch(mode: Literal["auto", "inline", "deployment"]) -> bool:
     return mode == "deployment" or (mode == "auto" and deployment.get_id() is not None)
 
 
+def launch_options(params: SingleParams) -> LaunchOptions:
+    """How the training process tree is started; a multi-node rendezvous is read where training runs."""
+    return LaunchOptions(nnodes=params.nnodes, hang_timeout_s=params.training_hang_timeout_s)
+
+
 def train_stage(
     stages: StageRecorder, config: ResolvedConfig, request: TrainRequest, params: SingleParams
 ) -> TrainResult:
     """The pipeline's training stage: inline or dispatched, recorded in `stages` either way."""
+    launch = launch_options(params)
     if should_dispatch(params.training_dispatch):
         with stages.timed("train") as stage:
             job = TrainJob(config=config, request=request, concurrency_limit=params.gpu_concurrency_limit,
-                           result_storage=str(stages.result_storage))
+                           launch=launch, result_storage=str(stages.result_storage))
             outcome = run_training_deployment(job, params.training_job_variables)
             stage.cached = outcome.cached
         trained = outcome.result
     else:
-        trained = stages.run("train", train_adapter_task, config, request, params.gpu_concurrency_limit)
+        trained = stages.run("train", train_adapter_task, config, request, params.gpu_concurrency_limit, launch)
     events.model_trained(config, trained)
     return trained
 

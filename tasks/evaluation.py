@@ -6,8 +6,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from loraflow.devices import lease_devices
 from loraflow.layout import atomic_write_json
-from loraflow.models import locked_import
+from loraflow.model_process import run_model_work
 from loraflow.plan import ResolvedConfig
 from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
 
@@ -32,12 +33,12 @@ def evaluate_task(config: ResolvedConfig, test_shards: list[str], adapter_dir: s
     """Metrics on the held-out test split; `adapter_dir=None` evaluates the bare base model
     (the baseline). Cached on the adapter's bytes and the test shards, so a retrained
     adapter is always re-evaluated."""
-    evaluate_model = locked_import("loraflow.evaluate").evaluate_model  # torch: only to really evaluate
-
-    metrics = evaluate_model(
-        config.model, config.task, config.labels, test_shards, adapter_dir,
-        eval_batch_size=config.settings.eval_batch_size, seed=config.seed,
-    )
+    what = f"{'evaluation' if adapter_dir else 'baseline'} of {config.name!r}"
+    with lease_devices(1, what, log=get_run_logger().info) as lease:
+        metrics = run_model_work(
+            "loraflow.evaluate:evaluate_model", config.model, config.task, config.labels, test_shards, adapter_dir,
+            eval_batch_size=config.settings.eval_batch_size, seed=config.seed, lease=lease,
+        )
     atomic_write_json(out_path, metrics)
     scalars = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     get_run_logger().info(f"{'adapter' if adapter_dir else 'baseline'} metrics: {scalars}")
@@ -57,11 +58,10 @@ def _samples_key(context, parameters) -> str:
 @task(name="sample-predictions", cache_key_fn=_samples_key, **transient_retries(1))
 def samples_task(config: ResolvedConfig, adapter_dir: str, prompts_path: str, out_path: Path) -> str:
     """Run the held-out sample prompts through the adapter so a person can eyeball its output."""
-    run_sample_prompts = locked_import("loraflow.samples").run_sample_prompts  # torch: only to really run prompts
-
-    rows = run_sample_prompts(
-        config.model, config.task, config.labels, adapter_dir, prompts_path, out_path,
-        max_length=config.settings.max_length, max_new_tokens=config.settings.max_new_tokens,
-    )
+    with lease_devices(1, f"sample predictions of {config.name!r}", log=get_run_logger().info) as lease:
+        rows = run_model_work(
+            "loraflow.samples:run_sample_prompts", config.model, config.task, config.labels, adapter_dir, prompts_path,
+            out_path, max_length=config.settings.max_length, max_new_tokens=config.settings.max_new_tokens, lease=lease,
+        )
     get_run_logger().info(f"wrote {len(rows)} sample predictions to {out_path}")
     return str(out_path)

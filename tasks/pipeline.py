@@ -2,15 +2,11 @@
 
 A plan asks the cache whether each stage would be served from it, so it must compute the
 very arguments the run passes each task: where results are stored, where shards land, and
-the training request. `model_turn` keeps concurrent subflows (a batch's datasets, a grid's
-variants) from loading or running models in one process at the same time.
+the training request.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -23,18 +19,6 @@ from loraflow.plan import ResolvedConfig, RunPlan
 from loraflow.train.request import TrainRequest
 from tasks.data import dask_task_runner, tokenize_dataset
 from tasks.stages import StageRecorder
-
-_MODEL_WORK = threading.Lock()
-
-
-@contextmanager
-def model_turn(dispatched: bool = False) -> Iterator[None]:
-    """Run model work (checking, loading, training, evaluating) one subflow at a time in this
-    process: transformers patches process-global torch state while it builds a model (default
-    dtype, meta-device creation, weight tying), so a load beside another load or a training in
-    a sibling thread corrupts both. Training `dispatched` to a GPU worker runs elsewhere."""
-    with nullcontext() if dispatched else _MODEL_WORK:
-        yield
 
 
 def result_storage(params: RunSettings) -> Path:
@@ -86,5 +70,5 @@ def train_request(plan: RunPlan, config: ResolvedConfig, shards: dict[str, list[
         model_path=plan.model_path, task=plan.params.task, settings=config.settings, labels=config.labels,
         train_shards=shards["train"], eval_shards=shards.get("validation", []),
         checkpoint_dir=str(layout.checkpoints), adapter_dir=str(layout.model), logs_dir=str(layout.logs),
-        seed=plan.params.seed,
+        seed=plan.params.seed, processes=config.processes,
     )

@@ -19,14 +19,19 @@ from prefect import Task, get_run_logger
 from pydantic import BaseModel
 
 
+# Result fields that hold messages for people, which start with a data file's path but name no output.
+MESSAGE_FIELDS = {"warnings"}
+
+
 def _strings(value: Any) -> Iterator[str]:
     if isinstance(value, BaseModel):
         value = value.model_dump()
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
+        for key, item in value.items():
+            if key not in MESSAGE_FIELDS:
+                yield from _strings(item)
     elif isinstance(value, (list, tuple)):
         for item in value:
             yield from _strings(item)

@@ -2,9 +2,9 @@
 
 Each subflow is called from inside a task on a thread pool. Prefect gives a subflow started
 from a task its own run key, so concurrent siblings never collide, and each still shows in
-the UI as its own flow run (named by the caller) under the parent. What overlaps is the CPU
-work (reading, preparing, tokenising); training queues on the global GPU slots, and model
-work takes turns within the process (`tasks.pipeline.model_turn`).
+the UI as its own flow run (named by the caller) under the parent. Everything overlaps: model
+work runs in processes of its own (training in a torchrun tree, evaluation in a model process
+per device), so siblings train side by side on the devices they lease.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.client.orchestration import get_client
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from loraflow.devices import host_devices
 from tasks.training import ensure_concurrency_limit
 
 
@@ -55,11 +55,18 @@ def run_subflows(calls: dict[str, Callable[[], State]], max_parallel: int, stop_
     return states
 
 
-def gpu_slots(limit: str) -> int:
-    """How many trainings may run at once: the slots of the global concurrency limit `limit`."""
-    ensure_concurrency_limit(limit)
-    with get_client(sync_client=True) as client:
-        return max(1, client.read_global_concurrency_limit_by_name(limit).limit)
+def training_parallelism(limit: str, devices: int, dispatched: bool) -> int:
+    """How many trainings of `devices` devices each may run at once: the slots of the global
+    concurrency limit `limit`, and, when they train on this host, this host's devices."""
+    slots = ensure_concurrency_limit(limit)
+    if not dispatched:
+        here = len(host_devices().ids)
+        if here > slots:
+            get_run_logger().warning(
+                f"the global concurrency limit {limit!r} has {slots} slot(s) but this host has {here} devices; "
+                f"`prefect gcl update {limit} --limit {here}` trains on all of them")
+        slots = min(slots, here)
+    return max(1, slots // devices)
 
 
 def subflow_outcome(state: State | None) -> Any:

@@ -1,7 +1,12 @@
-"""The training task: one LoRA run holding a GPU slot, with live progress in the Prefect UI,
-that stops at a checkpoint when its flow run is cancelled.
+"""The training task: one LoRA run on leased devices, in its own torchrun process tree, with
+live progress in the Prefect UI, that stops at a checkpoint when its flow run is cancelled.
 
-Crash safety of the slot: Prefect frees a slot whose holder died only when its lease expires,
+Two kinds of slot, for two questions. The global concurrency limit (`gpu`, one slot per
+device) says how many devices a whole pool of workers may use at once; it is a count. The
+host's device leases (`loraflow.devices`) say *which* devices this training uses; the child
+process sees only those.
+
+Crash safety of the global slot: Prefect frees a slot whose holder died only when its lease expires,
 and only on a server that runs the lease repossessor; the temporary server of a bare
 `python flows/single.py` runs none and forgets leases when it exits, so a killed run would
 block every later run on that slot for good. Each holder therefore leaves a note under
@@ -29,26 +34,29 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 from prefect.states import Cancelled, Cancelling, State
 
-from loraflow.errors import TrainingStopped
+from loraflow.devices import host_devices, lease_devices
+from loraflow.errors import ConfigError, TrainingStopped
 from loraflow.layout import atomic_write_json
-from loraflow.models import locked_import
 from loraflow.plan import ResolvedConfig
+from loraflow.train.launch import LaunchOptions, run_training
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
 from tasks.policies import fingerprint_key, transient_retries
 
 SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
 
 
-def ensure_concurrency_limit(name: str, slots: int = 1) -> None:
-    """Create the global limit when missing. Prefect silently skips a missing limit unless
-    `strict=True`, so loraflow creates it rather than run unthrottled; an existing limit
-    keeps the slot count its owner gave it."""
+def ensure_concurrency_limit(name: str) -> int:
+    """The global limit's slots, creating it when missing with one slot per device of this host.
+    Prefect silently skips a missing limit unless `strict=True`, so loraflow creates it rather
+    than run unthrottled; an existing limit keeps the slot count its owner gave it."""
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(name)
+            return client.read_global_concurrency_limit_by_name(name).limit
         except ObjectNotFound:
+            slots = len(host_devices().ids)
             client.upsert_global_concurrency_limit_by_name(name, slots)
-            get_run_logger().info(f"created global concurrency limit {name!r} with {slots} slot(s)")
+            get_run_logger().info(f"created global concurrency limit {name!r} with {slots} slot(s), one per device")
+            return slots
 
 
 def _holders_dir() -> Path:
@@ -90,7 +98,8 @@ def reclaim_dead_holders(limit: str) -> None:
                     client.release_concurrency_slots_with_lease(lease_id=holder["lease_id"])
                 else:
                     held = max(0.001, time.time() - float(holder.get("since", 0)))  # the server wants > 0
-                    client.release_concurrency_slots(names=[limit], slots=1, occupancy_seconds=held)
+                    client.release_concurrency_slots(names=[limit], slots=int(holder.get("slots", 1)),
+                                                     occupancy_seconds=held)
         except BaseException:
             os.replace(claimed, note)  # still held: the next run tries again
             raise
@@ -99,16 +108,21 @@ def reclaim_dead_holders(limit: str) -> None:
 
 
 @contextmanager
-def training_slot(limit: str) -> Iterator[None]:
-    """Hold one slot of the global limit `limit` (created with one slot when missing) while training."""
-    ensure_concurrency_limit(limit)
+def training_slots(limit: str, devices: int) -> Iterator[None]:
+    """Hold one slot of the global limit `limit` per device while training."""
+    slots = ensure_concurrency_limit(limit)
+    if devices > slots:
+        raise ConfigError(
+            f"devices: {devices} devices need as many slots of the global concurrency limit {limit!r}, which has "
+            f"{slots}; raise it (`prefect gcl update {limit} --limit {devices}`) or lower devices"
+        )
     reclaim_dead_holders(limit)
-    with concurrency(limit, occupy=1, strict=True, lease_duration=SLOT_LEASE_SECONDS):
+    with concurrency(limit, occupy=devices, strict=True, lease_duration=SLOT_LEASE_SECONDS):
         context = ConcurrencyContext.get()  # records each lease it grants, newest last
         lease_id = str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
         note = _holders_dir() / f"{lease_id or os.getpid()}.json"
         holder = {"limit": limit, "host": socket.gethostname(), "pid": os.getpid(), "lease_id": lease_id,
-                  "since": time.time()}
+                  "since": time.time(), "slots": devices}
         atomic_write_json(note, holder)
         try:
             yield
@@ -185,21 +199,29 @@ def _train_key(context, parameters) -> str:
 
 
 @task(name="train-lora", cache_key_fn=_train_key, **transient_retries())
-def train_adapter_task(config: ResolvedConfig, request: TrainRequest, concurrency_limit: str) -> TrainResult:
-    """Train the adapter while holding one slot of the global `concurrency_limit`.
+def train_adapter_task(
+    config: ResolvedConfig, request: TrainRequest, concurrency_limit: str, launch: LaunchOptions | None = None
+) -> TrainResult:
+    """Train the adapter in a torchrun process tree on leased devices of this host (one rank per
+    device, `config.processes` in all), holding one slot of the global `concurrency_limit` per device.
 
     Cached on the resolved config's fingerprint (dataset, settings, base model, code), so an
-    identical re-run reuses the adapter. A retry (transient failure) resumes from the last
-    complete checkpoint instead of step 0; configuration errors are never retried.
+    identical re-run reuses the adapter. A retry (a transient failure: the child was killed, ran
+    out of memory at batch size 1, or hung) resumes from the last complete checkpoint instead of
+    step 0; configuration errors are never retried.
     """
-    train_adapter = locked_import("loraflow.train.trainer").train_adapter  # torch and peft: only to really train
-
+    launch = (launch or LaunchOptions()).with_rendezvous(run_id=flow_run.get_root_flow_run_id() or flow_run.get_id())
     logger = get_run_logger()
-    with training_slot(concurrency_limit):
-        logger.info(f"holding a {concurrency_limit!r} slot; {config.total_steps} optimiser steps planned")
-        watch = CancellationWatch()
+    devices = config.processes // launch.nnodes
+    watch = CancellationWatch()
+    with training_slots(concurrency_limit, devices), \
+            lease_devices(devices, f"training {config.name!r}", log=logger.info, should_stop=watch) as lease:
+        nodes = f" on each of {launch.nnodes} nodes" if launch.nnodes > 1 else ""
+        logger.info(f"training on {', '.join(lease.labels)}{nodes}: {config.processes} process(es), "
+                    f"{config.total_steps} optimiser steps planned")
         try:
-            return train_adapter(request, on_progress=TrainingProgress(config.name), log=logger.info, should_stop=watch)
+            return run_training(request, lease, launch, on_progress=TrainingProgress(config.name), log=logger.info,
+                                should_stop=watch)
         except TrainingStopped as stopped:
             logger.warning(str(stopped))
             _note_on_cancelling_run(watch.cancelled_run_id, str(stopped))

@@ -8,6 +8,8 @@ _PREFECT_HOME = tempfile.mkdtemp(prefix="loraflow-test-prefect-")
 os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "results")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# Device leases of the tests' trainings stay apart from any real run's on this host.
+os.environ["LORAFLOW_DEVICE_LOCKS"] = os.path.join(_PREFECT_HOME, "device-locks")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

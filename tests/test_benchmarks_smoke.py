@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 from prefect.settings import PREFECT_API_URL
 
-from benchmarks import cached_rerun, orchestration_overhead, preprocessing_scale, training_throughput, variations_sharing
+from benchmarks import (
+    cached_rerun,
+    gpu_training,
+    orchestration_overhead,
+    preprocessing_scale,
+    training_process,
+    training_throughput,
+    variations_sharing,
+)
 from benchmarks.common import RESULTS_PATH, markdown_table
 
 RATIO = re.compile(r"^\d+\.\d\dx$")
@@ -80,3 +88,19 @@ def test_variations_sharing(tmp_path, api_url):
     assert column(table, "prepare-dataset runs") == ["2", "1"]
     separate, grid = (int(value) for value in column(table, "tokenize-shard runs"))
     assert separate == 2 * grid > 0
+
+
+@pytest.mark.slow
+def test_training_process(tmp_path, api_url):
+    launch, ddp, grid = run_smoke(training_process, tmp_path, api_url)
+    assert column(launch, "variant") == ["in the flow process", "torchrun process tree"]
+    assert column(ddp, "variant") == ["devices: 1", "devices: 2"] and column(ddp, "vs 1 device")[0] == "1.00x"
+    assert column(grid, "variant") == ["1 device slot", "2 device slots"]
+    assert all(RATIO.match(value) for value in column(grid, "wall ratio"))
+
+
+def test_gpu_training_runs_its_path_on_the_cpu(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    text = gpu_training.main(["--smoke", "--results", str(results)])
+    assert text in results.read_text() and "| tokens/s | samples/s |" in text
+    assert "n/a (no GPU)" in text or "TFLOP/s" in text

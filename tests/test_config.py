@@ -124,7 +124,7 @@ def test_lora_targets_are_checked_from_a_memo_after_the_first_run(tmp_path, monk
     def no_build(*args):
         raise AssertionError("the model was built again")
 
-    monkeypatch.setattr(models, "_built_linear_module_names", no_build)
+    monkeypatch.setattr(models, "run_model_work", no_build)
     plan_run(SingleParams(**base))
     plan_run(SingleParams(**base, plan_only=True))
     with pytest.raises(ConfigError, match="not found"):

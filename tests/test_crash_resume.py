@@ -47,16 +47,16 @@ def params_for(tmp_path: Path, output_dir: Path, limit: str, **overrides) -> dic
     }
 
 
-def start_run(params: dict, params_file: Path) -> subprocess.Popen:
-    """`python flows/single.py params.yaml` against the session's test server, output to a log file."""
+def start_run(params: dict, params_file: Path, script: str = "single.py", env: dict | None = None) -> subprocess.Popen:
+    """`python flows/<script> params.yaml` against the session's test server, output to a log file."""
     from prefect.settings import PREFECT_API_URL
 
     params_file.write_text(yaml.safe_dump(params))
     log = open(params_file.with_suffix(".log"), "w")
     return subprocess.Popen(
-        [sys.executable, str(REPO / "flows" / "single.py"), str(params_file)],
+        [sys.executable, str(REPO / "flows" / script), str(params_file)],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **(env or {})},
     )
 
 

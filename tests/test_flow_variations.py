@@ -124,3 +124,23 @@ def test_a_zip_group_over_max_length_tokenises_twice_from_one_preparation(prefec
         resolved = yaml.safe_load((Path(outcome.result_path).parent / "config" / "resolved.yaml").read_text())
         assert resolved["settings"]["max_length"] == int(outcome.name.removeprefix("len"))
     assert not Registry(params.registry_root).index("reviews").versions
+
+
+def test_python_flows_variations_with_two_device_slots_trains_two_variants_at_a_time(prefect_server, tmp_path):
+    """`python flows/variations.py grid.yaml` on a host with two CPU slots: the variants' trainings overlap."""
+    from tests.test_crash_resume import start_run
+
+    params = grid_params(tmp_path, grid={"learning_rate": [0.002, 0.01]}, gpu_concurrency_limit="gpu-parallel-grid")
+    params = params.model_copy(update={"overrides": {**params.overrides, "num_epochs": 4}})
+    env = {"LORAFLOW_CPU_DEVICES": "2", "LORAFLOW_DEVICE_LOCKS": str(tmp_path / "locks")}
+    process = start_run(params.model_dump(mode="json", exclude_defaults=True), tmp_path / "grid.yaml",
+                        script="variations.py", env=env)
+    assert process.wait(timeout=600) == 0, (tmp_path / "grid.log").read_text()[-4000:]
+
+    root = Path(params.output_dir) / "reviews-variations"
+    trains = [json.loads(path.read_text())["train"] for path in sorted(root.glob("*/result.json"))]
+    assert len(trains) == 2
+    (first, second) = sorted(trains, key=lambda train: train["started_at"])
+    assert second["started_at"] < first["finished_at"], f"trainings did not overlap: {trains}"
+    assert {device for train in trains for device in train["devices"]} == {"cpu:0", "cpu:1"}
+    assert all(train["processes"] == 1 for train in trains)

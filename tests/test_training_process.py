@@ -20,7 +20,8 @@ from loraflow.config import LoraSettings
 from loraflow.devices import host_devices, lease_devices
 from loraflow.errors import ConfigError, TrainingOutOfMemory, TrainingStopped
 from loraflow.train.checkpoints import find_resumable_checkpoint
-from loraflow.train.launch import LaunchOptions, TrainingProcessDied, run_training, torchrun_command
+from loraflow.train.launch import LaunchOptions, TrainingProcessDied, join_command, run_training, torchrun_command
+from loraflow.train.worker import WorkerJob
 from tasks.policies import is_transient
 from tests.test_train import adapter_weights, request_for, tiny_llama  # noqa: F401  (tiny_llama is a fixture)
 
@@ -76,7 +77,7 @@ def test_two_gloo_processes_train_the_same_steps_as_one_process_with_the_whole_b
         assert when.endswith("+00:00")
 
 
-def test_single_and_multi_node_launch_commands():
+def test_single_and_multi_node_launch_commands(tmp_path):
     single = torchrun_command("/runs/x/.training/job.json", 2, LaunchOptions(), launcher_pid=123, python="python")
     torchrun = single[single.index("torch.distributed.run") + 1:]
     assert single[:2] == ["python", "-c"] and single[3] == "123"
@@ -87,16 +88,28 @@ def test_single_and_multi_node_launch_commands():
     with pytest.MonkeyPatch.context() as patch:
         for key, value in env.items():
             patch.setenv(key, value)
-        options = LaunchOptions.from_environment(nnodes=4, run_id="ignored")
+        options = LaunchOptions(nnodes=4).with_rendezvous(run_id="ignored")
     multi = torchrun_command("job.json", 8, options, launcher_pid=1, python="python")
     assert multi[multi.index("torch.distributed.run") + 1:][:5] == [
         "--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=train-0.train:29400",
         "--rdzv-id=run-7"]
 
+    job_dir = tmp_path / "run" / ".training"
+    job_dir.mkdir(parents=True)
+    request = request_for(tmp_path / "run", "/models/llama", "causal-lm", [str(tmp_path / "train.parquet")])
+    job = WorkerJob(request=request, stop_file="s", result_file="r", errors_dir="e", pids_dir="p", launcher_pid=1)
+    (job_dir / "job.json").write_text(job.model_dump_json())
+    (job_dir / "launch.json").write_text(json.dumps({"options": options.model_dump(), "nproc_per_node": 8}))
+    joined, devices = join_command(tmp_path / "run")
+    assert devices == 8 and joined[joined.index("torch.distributed.run") + 1:][:5] == multi[
+        multi.index("torch.distributed.run") + 1:][:5], "every node joins the same rendezvous"
+    local_job = WorkerJob.model_validate_json(Path(joined[-1]).read_text())
+    assert local_job.launcher_pid == os.getpid() and local_job.request == request
+
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("LORAFLOW_RDZV_ENDPOINT", raising=False)
         with pytest.raises(ConfigError, match=r"^nnodes: 2 nodes need LORAFLOW_RDZV_ENDPOINT"):
-            LaunchOptions.from_environment(nnodes=2)
+            LaunchOptions(nnodes=2).with_rendezvous()
 
 
 def test_device_leases_are_exclusive_and_say_who_holds_them(two_cpu_slots):

@@ -33,7 +33,6 @@ from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
 from loraflow.errors import DataError
 from loraflow.fingerprint import hash_json
 from loraflow.layout import atomic_write_bytes, atomic_write_jsonl, read_jsonl
-from loraflow.models import IMPORT_LOCK
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss default)
 
@@ -171,11 +170,12 @@ def load_tokenizer(tokenizer_path: str) -> Any:
 
 @lru_cache(maxsize=32)
 def _cached_tokenizer(tokenizer_path: str, thread_id: int) -> Any:
-    try:
-        with IMPORT_LOCK:
-            from transformers import AutoTokenizer
+    # From its own module: transformers' lazy top-level `__getattr__` fails when two threads touch it
+    # first at once ("cannot import name 'AutoTokenizer'"); a plain module import has Python's own lock.
+    from transformers.models.auto.tokenization_auto import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     except (OSError, ValueError) as error:
         raise DataError(f"tokenizer: cannot load {tokenizer_path!r}: {str(error).splitlines()[0]}") from None
     if not getattr(tokenizer, "is_fast", False):
@@ -279,8 +279,8 @@ def _encode(tokenizer: Any, texts: list[str], max_length: int, side: str | None 
 
 def _plain_fast_tokenizer(tokenizer: Any) -> bool:
     """Whether calling the tokenizer only sets truncation and runs the Rust encoder."""
-    from transformers import PreTrainedTokenizerFast
     from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend as PreTrainedTokenizerFast
 
     kind = type(tokenizer)
     return kind._encode_plus is PreTrainedTokenizerFast._encode_plus and kind.__call__ is PreTrainedTokenizerBase.__call__

@@ -81,18 +81,21 @@ class LaunchOptions(BaseModel):
     stop_grace_s: float = Field(default=60, gt=0, description="Time to save a checkpoint after a stop request.")
     callbacks: list[str] = Field(default_factory=list, description="Extra Trainer callbacks, `module:Class`.")
 
-    @classmethod
-    def from_environment(cls, nnodes: int = 1, run_id: str | None = None, **options) -> "LaunchOptions":
-        """Multi-node rendezvous from the training job's environment (job variables `env`):
-        `LORAFLOW_RDZV_ENDPOINT` (the first node's host:port) and `LORAFLOW_RDZV_ID`."""
-        endpoint = os.environ.get("LORAFLOW_RDZV_ENDPOINT")
-        if nnodes > 1 and not endpoint:
+    def with_rendezvous(self, run_id: str | None = None) -> "LaunchOptions":
+        """Multi-node rendezvous from the environment of the process that launches (the training
+        job's job variables `env`): `LORAFLOW_RDZV_ENDPOINT` (the first node's host:port) and
+        `LORAFLOW_RDZV_ID` (else the run's id). Nothing to add for one node."""
+        if self.nnodes == 1:
+            return self
+        endpoint = self.rdzv_endpoint or os.environ.get("LORAFLOW_RDZV_ENDPOINT")
+        if not endpoint:
             raise ConfigError(
-                f"nnodes: {nnodes} nodes need LORAFLOW_RDZV_ENDPOINT (host:port of the first node) in the training "
-                "job's environment, e.g. training_job_variables: {env: {LORAFLOW_RDZV_ENDPOINT: 'train-0.train:29400'}}"
+                f"nnodes: {self.nnodes} nodes need LORAFLOW_RDZV_ENDPOINT (host:port of the first node) in the "
+                "training job's environment, e.g. training_job_variables: "
+                "{env: {LORAFLOW_RDZV_ENDPOINT: 'train-0.train:29400'}}"
             )
-        rdzv_id = os.environ.get("LORAFLOW_RDZV_ID") or run_id or "loraflow"
-        return cls(nnodes=nnodes, rdzv_endpoint=endpoint, rdzv_id=rdzv_id, **options)
+        rdzv_id = self.rdzv_id or os.environ.get("LORAFLOW_RDZV_ID") or run_id or "loraflow"
+        return self.model_copy(update={"rdzv_endpoint": endpoint, "rdzv_id": rdzv_id})
 
 
 def torchrun_command(job_file: str | Path, nproc_per_node: int, options: LaunchOptions,
@@ -123,7 +126,7 @@ def request_stop_all() -> None:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 class _ProcessTree:
@@ -317,6 +320,8 @@ def run_training(
                         errors_dir=str(job_dir / "errors"), pids_dir=str(job_dir / "pids"), launcher_pid=os.getpid(),
                         callbacks=options.callbacks)
         atomic_write_json(job_dir / "job.json", job.model_dump())
+        if options.nnodes > 1:  # what the other nodes' `python -m loraflow.train.launch join` need
+            atomic_write_json(job_dir / "launch.json", {"options": options.model_dump(), "nproc_per_node": len(lease.ids)})
         env = {**os.environ, **lease.env(), "PYTHONUNBUFFERED": "1"}
         tree = _ProcessTree(job_dir, torchrun_command(job_dir / "job.json", len(lease.ids), options), env,
                             Path(request.logs_dir) / "train-process.log")
@@ -337,3 +342,37 @@ def run_training(
             settings = smaller_batch(settings, RuntimeError(out_of_memory["message"]), log)
             continue
         _raise_for(ending, failures, request, log)
+
+
+def join_command(run_root: str | Path, timeout_s: float = 600) -> tuple[list[str], int]:
+    """On another node of a multi-node training: wait for the first node's job in the shared run
+    folder, and return the torchrun command that runs this node's ranks (and how many devices)."""
+    job_dir = Path(run_root).resolve() / ".training"
+    deadline = time.monotonic() + timeout_s
+    while not (job_dir / "launch.json").is_file():
+        if time.monotonic() > deadline:
+            raise ConfigError(f"{job_dir}: no multi-node training job appeared within {timeout_s:g}s; is the first node "
+                              "running, and is the run folder on a volume every node mounts?")
+        time.sleep(1)
+    launch = json.loads((job_dir / "launch.json").read_text(encoding="utf-8"))
+    job = WorkerJob.model_validate_json((job_dir / "job.json").read_text(encoding="utf-8"))
+    local = job_dir / f"job-{os.uname().nodename}.json"  # this node's ranks watch this node's launcher
+    atomic_write_json(local, job.model_copy(update={"launcher_pid": os.getpid()}).model_dump())
+    options = LaunchOptions.model_validate(launch["options"])
+    return torchrun_command(local, launch["nproc_per_node"], options), launch["nproc_per_node"]
+
+
+def join(run_root: str | Path) -> int:
+    """`python -m loraflow.train.launch join <run folder>`: this node's share of a multi-node training."""
+    from loraflow.devices import lease_devices
+
+    command, devices = join_command(run_root)
+    with lease_devices(devices, f"node of {run_root}") as lease:
+        return subprocess.run(command, env={**os.environ, **lease.env(), "PYTHONUNBUFFERED": "1"}).returncode
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] != "join":
+        print("usage: python -m loraflow.train.launch join RUN_FOLDER", file=sys.stderr)
+        raise SystemExit(2)
+    raise SystemExit(join(sys.argv[2]))

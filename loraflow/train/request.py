@@ -74,6 +74,7 @@ class TrainResult(BaseModel):
     precision: str
     batch_size: int
     gradient_accumulation_steps: int
+    peak_memory_mb: float | None = None  # the device's peak allocation (CUDA), else the process's peak RSS
     # Filled in by the launcher (loraflow.train.launch): where and when the training ran.
     devices: list[str] = Field(default_factory=list, description="Devices used: `cuda:0`, `cpu:1`, ...")
     processes: int = 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -187,7 +188,14 @@ def _train_once(
         precision="bf16" if plan.bf16 else "fp16" if plan.fp16 else "fp32",
         batch_size=request.settings.batch_size,
         gradient_accumulation_steps=request.settings.gradient_accumulation_steps,
+        peak_memory_mb=_peak_memory_mb(plan),
     )
+
+
+def _peak_memory_mb(plan: DevicePlan) -> float:
+    if plan.device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _peft_model(request: TrainRequest, plan: DevicePlan):
