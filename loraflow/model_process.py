@@ -7,68 +7,126 @@ grid's variants take turns under a lock, each piece of model work runs in a work
 that does one job at a time: one process per leased device (it sees only that device, and
 keeps torch imported between jobs), and one for work on the meta device that needs none.
 
-The functions are named as `module:function` so that the caller never imports torch.
+The worker is `python -m loraflow.model_process`, fed pickled `(function, args, kwargs)` on its
+stdin and answering on its stdout. Written by hand rather than with `ProcessPoolExecutor`
+because a spawned pool re-imports the parent's `__main__` (the flow file, Prefect with it:
+seconds per process) and cannot be told to die with its parent. The functions are named as
+`module:function`, so the caller never imports torch.
 """
 
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import os
+import pickle
+import struct
+import subprocess
+import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+import time
+from typing import IO, Any
 
 from loraflow.devices import DeviceLease
 
-_POOLS: dict[tuple[str, ...], ProcessPoolExecutor] = {}
-_POOLS_GUARD = threading.Lock()  # guards the dict of pools, not model work
 NO_DEVICE_ENV = {"CUDA_VISIBLE_DEVICES": "", "LORAFLOW_TORCH_THREADS": "1"}
+_HEADER = struct.Struct("!Q")
 
 
 class ModelProcessDied(ChildProcessError):
     """The model worker process died mid-job (killed, out of memory); transient: a retry starts a new one."""
 
 
-def _pin(env: dict[str, str]) -> None:
-    """Runs first in each worker process: before torch is imported, so the device choice holds."""
-    os.environ.update(env)
-    if threads := env.get("LORAFLOW_TORCH_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(threads))
+def _send(stream: IO[bytes], value: Any) -> None:
+    data = pickle.dumps(value)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
 
 
-def _call(function: str, args: tuple, kwargs: dict) -> Any:
-    module, _, name = function.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-    finally:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()  # the next job in this process, or another process, may need the memory
+def _receive(stream: IO[bytes]) -> Any:
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    return pickle.loads(stream.read(_HEADER.unpack(header)[0]))
 
 
-def _pool(key: tuple[str, ...], env: dict[str, str]) -> ProcessPoolExecutor:
-    with _POOLS_GUARD:
-        if key not in _POOLS:
-            _POOLS[key] = ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_pin, initargs=(env,)
-            )
-        return _POOLS[key]
+class _Worker:
+    """One worker process and the pipe to it; one job at a time on the pipe."""
+
+    def __init__(self, env: dict[str, str]):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loraflow.model_process"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env={**os.environ, **env},
+            start_new_session=True,  # a terminal's Ctrl-C reaches the flow, which decides; the worker dies with it
+        )
+        self.turn = threading.Lock()  # the pipe carries one request and its answer at a time
+
+    def call(self, function: str, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+        with self.turn:
+            try:
+                _send(self.process.stdin, (function, args, kwargs))
+                return _receive(self.process.stdout)
+            except (EOFError, BrokenPipeError, OSError):
+                self.process.kill()
+                raise ModelProcessDied(f"the model process (pid {self.process.pid}) died while running {function}; "
+                                       f"exit code {self.process.wait()}") from None
+
+
+_WORKERS: dict[tuple[str, ...], _Worker] = {}
+_WORKERS_GUARD = threading.Lock()  # guards the dict of workers, not model work
+
+
+def _worker(key: tuple[str, ...], env: dict[str, str]) -> _Worker:
+    with _WORKERS_GUARD:
+        if key not in _WORKERS or _WORKERS[key].process.poll() is not None:
+            _WORKERS[key] = _Worker(env)
+        return _WORKERS[key]
 
 
 def run_model_work(function: str, *args: Any, lease: DeviceLease | None = None, **kwargs: Any) -> Any:
     """`module:function(*args, **kwargs)` in the worker process of the leased device (or the
     device-less one), returning its result or raising its exception."""
     key, env = (tuple(lease.labels), lease.env()) if lease is not None else (("meta",), NO_DEVICE_ENV)
-    pool = _pool(key, env)
-    try:
-        return pool.submit(_call, function, args, kwargs).result()
-    except BrokenProcessPool:
-        with _POOLS_GUARD:
-            if _POOLS.get(key) is pool:
-                del _POOLS[key]
-        raise ModelProcessDied(f"the model process for {', '.join(key)} died while running {function}") from None
+    ok, value = _worker(key, env).call(function, args, kwargs)
+    if not ok:
+        raise value
+    return value
+
+
+def _exit_with_parent(parent: int) -> None:
+    """No worker outlives its flow process, even mid-job (a prctl death signal would follow the
+    thread that started the worker, which may end first)."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
+
+
+def _serve() -> None:
+    """The worker's loop: until its stdin closes (the flow process ended), run each job it is sent."""
+    requests, answers = sys.stdin.buffer, os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever the libraries print goes to stderr, never into the answers
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    import torch
+
+    if threads := os.environ.get("LORAFLOW_TORCH_THREADS"):
+        torch.set_num_threads(int(threads))
+    while True:
+        try:
+            function, args, kwargs = _receive(requests)
+        except EOFError:
+            return
+        module, _, name = function.partition(":")
+        try:
+            answer = (True, getattr(importlib.import_module(module), name)(*args, **kwargs))
+        except Exception as error:  # noqa: BLE001 - the caller re-raises it
+            answer = (False, error)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the next job, or another process, may need the memory
+        try:
+            _send(answers, answer)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            _send(answers, (False, RuntimeError(f"{function}: {answer[1]!r}")))
+
+
+if __name__ == "__main__":
+    _serve()

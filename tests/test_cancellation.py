@@ -15,11 +15,13 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTas
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL
 
+from loraflow.devices import lease_devices
 from loraflow.errors import TrainingStopped
 from loraflow.train.checkpoints import checkpoint_problem, find_resumable_checkpoint
 from loraflow.train.trainer import train_adapter
 from tests.test_crash_resume import NAME, params_for, start_run, wait_for_checkpoint
 from tests.test_train import request_for, tiny_llama  # noqa: F401  (tiny_llama is a fixture)
+from tests.test_training_process import processes_of
 
 
 def test_a_stop_request_saves_a_checkpoint_that_the_next_run_resumes_from(tmp_path, tiny_llama):
@@ -85,3 +87,8 @@ def test_cancelling_stops_training_at_a_checkpoint_and_ends_the_run_cancelled(pr
     assert kept == str(checkpoints / f"checkpoint-{step}") and checkpoint_problem(Path(kept)) is None
     assert int(Path(first).name.split("-")[1]) <= step
     assert not (output_dir / NAME / "model" / "adapter_model.safetensors").exists()
+    assert not processes_of(output_dir / NAME / ".training"), "no process of the cancelled training is left"
+    with get_client(sync_client=True) as client:
+        assert client.read_global_concurrency_limit_by_name("gpu-cancel-test").active_slots == 0
+    with lease_devices(1, "after the cancel", should_stop=lambda: True):  # raises if the device were still held
+        pass
