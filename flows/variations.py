@@ -38,6 +38,7 @@ from tasks.registry import register_task
 from tasks.reporting import final_state, plan_state, publish_leaderboard
 from tasks.stages import StageRecorder
 from tasks.subflows import gpu_slots, run_subflows, subflow_outcome
+from tasks.tracking import report_grid, start_grid_tracking
 
 SAMPLE = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data" / "topics.csv"
 
@@ -60,6 +61,7 @@ def variations(params: VariationsParams) -> State:
         return plan_state(plan_variations(params, base, variants))
 
     data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+    variants = start_grid_tracking(params, variants)  # with MLflow: the grid's parent run
     calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
                                    return_state=True) for variant, plan in variants}
     states = run_subflows(calls, gpu_slots(params.gpu_concurrency_limit), stop_on_failure=False)
@@ -80,6 +82,7 @@ def variations(params: VariationsParams) -> State:
                "variations_result": str(base.layout.root / "variations_result.json")},
     )
     publish_leaderboard(result)
+    result = report_grid(params, base, variants, result)  # pictures, report.html, trackers
     return final_state(result, result.message, failed=not result.ok)
 
 
