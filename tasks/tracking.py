@@ -43,8 +43,10 @@ from tasks.reporting import artifact_key
 
 
 def _prefect_tags() -> dict[str, str]:
+    ui_url = flow_run.get_flow_run_ui_url()  # "None/flow-runs/..." without a UI (the temporary server)
     tags = {PREFECT_FLOW_RUN_TAG: flow_run.get_id(), "prefect.flow_run_name": flow_run.get_name(),
-            "prefect.root_flow_run_id": flow_run.get_root_flow_run_id(), "prefect.flow_run_url": flow_run.get_flow_run_ui_url()}
+            "prefect.root_flow_run_id": flow_run.get_root_flow_run_id(),
+            "prefect.flow_run_url": ui_url if str(ui_url).startswith("http") else None}
     return {key: str(value) for key, value in tags.items() if value}
 
 

@@ -33,6 +33,7 @@ pytest.importorskip("tensorboard", reason="the tracking extra is not installed: 
 
 TRACKED = {"tracking": ["mlflow", "tensorboard"]}
 SHORT = {**FAST_CLASSIFICATION, "num_epochs": 2, "logging_steps": 4}
+SHORTER = {**FAST_CLASSIFICATION, "num_epochs": 1, "logging_steps": 2, "save_steps": 4}  # a grid's variants
 
 
 def free_port() -> int:
@@ -93,9 +94,11 @@ def tracked(mlflow_server, prefect_server, tmp_path_factory):
     uri = mlflow_server.wait()
     one = classification_params(tmp_path_factory.mktemp("single"), overrides=SHORT, gates={"accuracy": 0.5},
                                 mlflow_tracking_uri=uri, **TRACKED)
-    grid = grid_params(tmp_path_factory.mktemp("grid"), grid={"learning_rate": [0.002, 0.01]}, overrides=SHORT,
+    grid = grid_params(tmp_path_factory.mktemp("grid"), grid={"learning_rate": [0.002, 0.01]}, overrides=SHORTER,
                        mlflow_tracking_uri=uri, **TRACKED)
-    return uri, single(one, return_state=True).result(), variations(grid, return_state=True).result()
+    first = single(one, return_state=True).result()
+    again = single(one, return_state=True).result()  # every stage cached: the Trainer reports nothing
+    return uri, first, variations(grid, return_state=True).result(), again
 
 
 def client(uri: str):
@@ -144,22 +147,34 @@ def assert_tracked_training(uri: str, run, result) -> None:
 
 
 def test_a_single_run_is_one_mlflow_run_with_params_step_metrics_final_metrics_and_the_adapter(tracked):
-    uri, result, _ = tracked
-    [run] = runs_of(uri, "reviews")
+    uri, result, _, _ = tracked
+    [run] = [run for run in runs_of(uri, "reviews") if run.data.tags[PREFECT_FLOW_RUN_TAG] == result.flow_run_id]
     assert run.info.run_name == "reviews"
     assert_tracked_training(uri, run, result)
     assert run.data.tags["loraflow.registry_version"] == str(result.registry_version) == "1"
     assert result.paths["mlflow_run"] == f"{uri}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
 
 
+def test_a_cached_rerun_is_a_new_mlflow_run_whose_step_metrics_come_from_the_training_log(tracked):
+    uri, first, _, again = tracked
+    assert again.cached_stages and "train" in again.cached_stages
+    runs = {run.data.tags[PREFECT_FLOW_RUN_TAG]: run for run in runs_of(uri, "reviews")}
+    assert set(runs) == {first.flow_run_id, again.flow_run_id}
+    rerun = runs[again.flow_run_id]
+    steps = lambda run: [(m.step, m.value) for m in client(uri).get_metric_history(run.info.run_id, "loss")]  # noqa: E731
+    assert sorted(steps(rerun)) == sorted(steps(runs[first.flow_run_id]))
+    assert rerun.data.metrics["test_accuracy"] == pytest.approx(again.metrics["accuracy"])
+    assert "adapter_model.safetensors" in artifact_names(uri, rerun.info.run_id, "adapter")
+
+
 def test_a_single_run_links_its_mlflow_run_pictures_and_report_from_prefect(tracked):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    _, result, _ = tracked
+    _, result, _, _ = tracked
     with get_client(sync_client=True) as prefect:
-        keys = ["reviews-mlflow", "reviews-summary"]
-        artifacts = {a.key: a for a in prefect.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))}
+        this_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[result.flow_run_id]))
+        artifacts = {a.key: a for a in prefect.read_artifacts(artifact_filter=this_run)}
     assert result.paths["mlflow_run"] in artifacts["reviews-mlflow"].data
     summary = artifacts["reviews-summary"].data
     for key in ("report", "loss_curve", "confusion_matrix"):
@@ -171,7 +186,7 @@ def test_a_single_run_links_its_mlflow_run_pictures_and_report_from_prefect(trac
 
 
 def test_a_variations_grid_is_a_parent_mlflow_run_with_a_child_run_per_variant(tracked):
-    uri, _, grid = tracked
+    uri, _, grid, _ = tracked
     runs = runs_of(uri, "reviews-variations")
     [parent] = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
     children = {run.info.run_name: run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
@@ -196,7 +211,7 @@ def test_a_variations_grid_is_a_parent_mlflow_run_with_a_child_run_per_variant(t
 def test_the_run_and_grid_reports_pass_the_browser_check(tracked):
     if browser.CHROMIUM is None:
         pytest.skip("chromium is not installed (apt-get install chromium); .ci/run installs it")
-    _, result, grid = tracked
+    _, result, grid, _ = tracked
     for report, images in ((result.paths["report"], 2), (grid.paths["report"], 2)):
         page = browser.check_page(report)
         assert page["errors"] == [], report
@@ -224,14 +239,15 @@ def test_a_tracking_server_gone_after_the_check_is_a_warning_and_the_run_goes_on
     assert Path(reported.paths["report"]).is_file() and Path(reported.paths["loss_curve"]).is_file()
 
 
-def test_in_a_two_process_training_only_rank_0_reports_to_the_trackers(tmp_path, tiny_llama, two_cpu_slots):
+def test_in_a_two_process_training_only_rank_0_reports_to_the_trackers(mlflow_server, tmp_path, tiny_llama,
+                                                                       two_cpu_slots):
     """The torchrun child path: the tracking settings travel in the job file, and one rank speaks."""
     from loraflow.devices import lease_devices
     from loraflow.tracking import start_mlflow_run
     from loraflow.train.launch import run_training
     from tests.test_train import request_for
 
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    store = mlflow_server.wait()
     run_id, _ = start_mlflow_run(store, tmp_path, "ddp", "ddp-run", {PREFECT_FLOW_RUN_TAG: "none"})
     model_path, train = tiny_llama
     request = request_for(tmp_path / "ddp", model_path, "causal-lm", [train], batch_size=2, num_epochs=2)

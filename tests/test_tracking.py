@@ -188,6 +188,18 @@ def test_reports_render_in_a_real_browser_with_every_image_loaded_and_no_console
     assert 'href="v-lr0.01/report.html"' in grid_report.read_text()
 
 
+def test_a_causal_lm_report_shows_prompts_references_and_generations(tmp_path):
+    result = fake_run(tmp_path)
+    atomic_write_jsonl(tmp_path / "samples" / "predictions.jsonl",
+                       [{"prompt": "Q: 2<3?", "reference": "yes", "generated": "yes & more"}])
+    result = result.model_copy(update={"task": "causal-lm", "metrics": {"eval_loss": 1.5, "perplexity": 4.48},
+                                       "baseline": {"eval_loss": 3.0, "perplexity": 20.1}, "gates": {}})
+    html = write_run_report(result, {}, {}, tmp_path / "report.html").read_text()
+    assert "Q: 2&lt;3?" in html and "yes &amp; more" in html and "<th>generated</th>" in html
+    assert '<span class="better">-1.5000</span>' in html  # a lower loss is the better way
+    assert "No gates set." in html and "No pictures" in html
+
+
 def test_the_summary_artifact_links_the_report_and_pictures(tmp_path):
     result = fake_run(tmp_path)
     pictures = run_pictures(tmp_path, result.name)
