@@ -9,7 +9,8 @@
 
 matplotlib is imported inside the functions, with its object-oriented API and the Agg canvas (files
 only: no display, no pyplot global state, so sibling subflows in threads may draw at once); importing
-loraflow never loads it.
+loraflow never loads it. Each PNG carries a hash of what it was drawn from (a tEXt chunk); a picture
+whose inputs have not changed (a cached re-run) is kept as it is, and matplotlib is not even imported.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from loraflow.fingerprint import hash_bytes, hash_json
 from loraflow.layout import atomic_write_bytes, read_jsonl
 
 DPI = 110
 PASSED, FAILED, BROKEN = "#2e7d32", "#ef6c00", "#9e9e9e"
 STATUS_COLOUR = {"passed": PASSED, "failed_gates": FAILED, "error": BROKEN, "skipped": BROKEN}
 STATUS_TEXT = {"passed": "gates passed", "failed_gates": "gates failed", "error": "error", "skipped": "skipped"}
+INPUTS_KEY = "loraflow-inputs"
+_DRAWING_CODE = hash_bytes(Path(__file__).read_bytes())  # a change to how pictures are drawn redraws them
 
 
 def _figure(width: float, height: float):
@@ -34,10 +38,38 @@ def _figure(width: float, height: float):
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
-def _save(figure, path: str | Path) -> Path:
+def _save(figure, path: str | Path, key: str) -> Path:
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=DPI)  # a bare Figure draws on the Agg canvas
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={INPUTS_KEY: key})  # a bare Figure draws with Agg
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def inputs_key(*inputs: Any) -> str:
+    return hash_json([_DRAWING_CODE, *inputs])
+
+
+def drawn_from(path: str | Path) -> str | None:
+    """The inputs hash a loraflow PNG was saved with, read from its tEXt chunks (no image library)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return None
+    position = 8
+    while position + 8 <= len(data):
+        length, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        if kind == b"IDAT":
+            return None
+        if kind == b"tEXt":
+            keyword, _, text = data[position + 8:position + 8 + length].partition(b"\0")
+            if keyword.decode("latin-1") == INPUTS_KEY:
+                return text.decode("latin-1")
+        position += 12 + length
+    return None
+
+
+def _current(out: str | Path, key: str) -> Path | None:
+    """`out` when it was drawn from exactly these inputs, so it need not be drawn again."""
+    return Path(out) if drawn_from(out) == key else None
 
 
 def training_history(metrics_jsonl: str | Path) -> dict[str, list[tuple[int, float]]]:
@@ -60,9 +92,12 @@ def loss_curve(metrics_jsonl: str | Path, out: str | Path, name: str) -> Path | 
     when the log holds no loss (training was never logged)."""
     if not Path(metrics_jsonl).is_file():
         return None
+    key = inputs_key("loss", name, hash_bytes(Path(metrics_jsonl).read_bytes()))
     history = training_history(metrics_jsonl)
     if not history.get("loss") and not history.get("eval_loss"):
         return None
+    if kept := _current(out, key):
+        return kept
     figure = _figure(7.5, 5.2)
     loss_axes, rate_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
     if history.get("loss"):
@@ -88,7 +123,7 @@ def loss_curve(metrics_jsonl: str | Path, out: str | Path, name: str) -> Path | 
     rate_axes.set_xlabel("optimiser step")
     rate_axes.set_ylim(bottom=0)
     rate_axes.grid(alpha=0.3)
-    return _save(figure, out)
+    return _save(figure, out, key)
 
 
 def _epoch_axis(axes, epochs: list[tuple[int, float]]) -> None:
@@ -109,6 +144,9 @@ def confusion_matrices(adapter: dict[str, Any], baseline: dict[str, Any] | None,
               if metrics and metrics.get("confusion_matrix")]
     if not any(title == "with the adapter" for title, _ in panels):
         return None
+    key = inputs_key("confusion", name, panels)
+    if kept := _current(out, key):
+        return kept
     labels = adapter.get("labels") or [str(i) for i in range(len(adapter["confusion_matrix"]))]
     size = len(labels)
     side = min(6.0, max(3.2, 0.55 * size + 1.8))
@@ -136,7 +174,7 @@ def confusion_matrices(adapter: dict[str, Any], baseline: dict[str, Any] | None,
     from matplotlib.ticker import MaxNLocator
 
     figure.colorbar(image, ax=list(axes_list), shrink=0.8, label="examples", ticks=MaxNLocator(integer=True))
-    return _save(figure, out)
+    return _save(figure, out, key)
 
 
 def _read_json(path: str | Path | None) -> dict[str, Any] | None:
@@ -170,6 +208,9 @@ def metric_by_setting(rows: list[dict[str, Any]], metric: str, out: str | Path, 
     scored = [row for row in rows if isinstance(row["metrics"].get(metric), (int, float))]
     if not settings or not scored:
         return None
+    key = inputs_key("by-setting", name, metric, rows)
+    if kept := _current(out, key):
+        return kept
     figure = _figure(max(4.2, 3.6 * len(settings)), 3.9)
     axes_list = figure.subplots(1, len(settings), squeeze=False, sharey=True)[0]
     for axes, setting in zip(axes_list, settings):
@@ -187,7 +228,7 @@ def metric_by_setting(rows: list[dict[str, Any]], metric: str, out: str | Path, 
     axes_list[0].set_ylabel(f"{metric} (test split)")
     _status_legend(figure, {row["status"] for row in scored})
     figure.suptitle(f"{name}: {metric} against each varied setting", fontsize=12)
-    return _save(figure, out)
+    return _save(figure, out, key)
 
 
 def _status_legend(figure, statuses: set[str]) -> None:
@@ -205,6 +246,9 @@ def leaderboard_chart(rows: list[dict[str, Any]], metric: str, out: str | Path, 
     gate threshold as lines. `rows` are best first, as the leaderboard ranks them."""
     if not rows:
         return None
+    key = inputs_key("leaderboard", name, metric, rows, baseline, threshold)
+    if kept := _current(out, key):
+        return kept
     figure = _figure(9.0, 1.5 + 0.42 * len(rows))
     axes = figure.subplots()
     labels = [row["name"] for row in rows][::-1]
@@ -230,7 +274,7 @@ def leaderboard_chart(rows: list[dict[str, Any]], metric: str, out: str | Path, 
     axes.set_xlabel(f"{metric} (test split)")
     axes.set_title(f"{name}: variants ranked by {metric}", fontsize=12, loc="left")
     axes.grid(axis="x", alpha=0.3)
-    return _save(figure, out)
+    return _save(figure, out, key)
 
 
 def grid_pictures(grid_root: str | Path, name: str, rows: list[dict[str, Any]], metric: str,

@@ -140,6 +140,23 @@ def test_a_run_gets_its_loss_curve_and_confusion_matrices_next_to_their_data(tmp
         assert width >= 600 and height >= 350
 
 
+def test_pictures_whose_inputs_did_not_change_are_kept_without_loading_matplotlib(tmp_path):
+    result = fake_run(tmp_path)
+    first = run_pictures(tmp_path, result.name)
+    drawn = {key: Path(path).stat().st_mtime_ns for key, path in first.items()}
+    code = ("import sys; from loraflow.pictures import run_pictures; "
+            f"print(run_pictures({str(tmp_path)!r}, 'reviews'), 'matplotlib' in sys.modules)")
+    again = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={**__import__("os").environ, "PYTHONPATH": str(REPO)}).stdout
+    assert again.strip() == f"{first} False"  # a cached re-run: same files, matplotlib never imported
+    assert {key: Path(path).stat().st_mtime_ns for key, path in first.items()} == drawn
+    with open(tmp_path / "logs" / "metrics.jsonl", "a") as log:
+        log.write(json.dumps({"loss": 0.01, "step": 41, "epoch": 4.1}) + "\n")
+    run_pictures(tmp_path, result.name)
+    assert Path(first["loss_curve"]).stat().st_mtime_ns > drawn["loss_curve"]  # new steps: drawn again
+    assert Path(first["confusion_matrix"]).stat().st_mtime_ns == drawn["confusion_matrix"]
+
+
 def test_a_run_without_logged_steps_or_classes_draws_nothing(tmp_path):
     atomic_write_json(tmp_path / "eval" / "metrics.json", {"eval_loss": 2.0, "perplexity": 7.4})
     assert run_pictures(tmp_path, "lm") == {}
