@@ -32,6 +32,7 @@ from tasks.plans import plan_single
 from tasks.registry import PROMOTED_ALIAS, register_task
 from tasks.reporting import final_state, plan_state, publish_summary
 from tasks.stages import StageRecorder
+from tasks.tracking import report_run, start_tracking
 
 
 def demo_params(output_dir: str = "runs") -> SingleParams:
@@ -79,6 +80,7 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
     shards = data.shards[config.settings.max_length]
 
     request = train_request(plan, config, shards)
+    request = start_tracking(plan, request)
     trained = train_stage(stages, config, request, params)
     metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir,
                          layout.eval / "metrics.json")
@@ -105,6 +107,7 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
                "manifest": data.prepared.manifest_path},
     )
     write_result(result, layout.result)
+    result = report_run(request, result)  # pictures, report.html, trackers
     publish_summary(result)
     return result
 

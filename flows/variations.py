@@ -32,13 +32,14 @@ from loraflow.variations import (
     rank_metric,
     variant_plans,
 )
+from tasks.dispatch import should_dispatch
 from tasks.pipeline import result_storage
 from tasks.plans import plan_variations
 from tasks.registry import register_task
 from tasks.reporting import final_state, plan_state, publish_leaderboard
 from tasks.stages import StageRecorder
-from tasks.dispatch import should_dispatch
 from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
+from tasks.tracking import report_grid, start_grid_tracking
 
 SAMPLE = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data" / "topics.csv"
 
@@ -61,6 +62,7 @@ def variations(params: VariationsParams) -> State:
         return plan_state(plan_variations(params, base, variants))
 
     data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+    variants = start_grid_tracking(params, variants)  # with MLflow: the grid's parent run
     calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
                                    return_state=True) for variant, plan in variants}
     at_once = training_parallelism(params.gpu_concurrency_limit, max(plan.params.devices for _, plan in variants),
@@ -83,6 +85,7 @@ def variations(params: VariationsParams) -> State:
                "variations_result": str(base.layout.root / "variations_result.json")},
     )
     publish_leaderboard(result)
+    result = report_grid(params, base, variants, result)  # pictures, report.html, trackers
     return final_state(result, result.message, failed=not result.ok)
 
 

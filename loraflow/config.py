@@ -205,6 +205,16 @@ class RunSettings(_Strict):
         description="Validate everything and return the execution plan (datasets, row counts, variants, "
         "output paths, estimated steps, cached stages) without training.",
     )
+    tracking: list[Literal["tensorboard", "mlflow"]] = Field(
+        default_factory=list,
+        description="Experiment trackers besides loraflow's own files: `tensorboard` (event files in <run>/logs/"
+        "tensorboard), `mlflow` (an experiment per dataset or grid, a run per training run). Needs "
+        "`pip install 'loraflow[tracking]'`.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking server or store; MLFLOW_TRACKING_URI when unset, else <output_dir>/mlflow.db.",
+    )
 
     @field_validator("gates")
     @classmethod

@@ -23,6 +23,7 @@ from loraflow.fingerprint import code_version, hash_json
 from loraflow.gates import metrics_for_task
 from loraflow.layout import RunLayout, atomic_write_text, cache_dir
 from loraflow.models import check_target_modules, model_identity, resolve_model
+from loraflow.tracking import TrackingParent, check_trackers
 
 class RunPlan(BaseModel):
     params: SingleParams
@@ -31,6 +32,7 @@ class RunPlan(BaseModel):
     model_identity: str
     settings: TrainingSettings
     root: str
+    tracking_parent: TrackingParent | None = None  # a variations grid's experiment and parent run
 
     @property
     def layout(self) -> RunLayout:
@@ -90,6 +92,7 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
         settings.lora.target_modules, model_path, params.task, cache_dir(params.output_dir), remember=not params.plan_only
     )
     _check_writable(params.output_dir)
+    check_trackers(params.tracking, params.mlflow_tracking_uri, params.output_dir)
     name = params.dataset.resolved_name
     root = Path(root or Path(params.output_dir) / name).resolve()
     return RunPlan(

@@ -76,6 +76,8 @@ def summary_text(result: RunResult) -> str:
     if result.registry_version is not None:
         lines.append(f"  registry: {result.name} v{result.registry_version}")
     lines.append(f"  result:   {result.paths.get('result', '')}")
+    if result.paths.get("report"):
+        lines.append(f"  report:   {result.paths['report']}")
     return "\n".join(lines)
 
 
@@ -100,7 +102,27 @@ def summary_markdown(result: RunResult) -> str:
         f"Adapter: `{result.adapter_path}`  ",
         f"Registry version: {result.registry_version}  ",
         f"Result file: `{result.paths.get('result', '')}`",
+        *report_links(result.paths),
     ])
+
+
+# What `tasks.tracking.report_run` adds to a result's paths, as the summary names them.
+REPORT_PATHS = {"report": "Report", "loss_curve": "Loss curve", "confusion_matrix": "Confusion matrix",
+                "mlflow_run": "MLflow run"}
+
+
+def report_links(paths: dict[str, str]) -> list[str]:
+    """Markdown lines linking the report, the pictures and the MLflow run, where the run has them."""
+    lines = []
+    for key, label in REPORT_PATHS.items():
+        target = paths.get(key)
+        if target and target.startswith(("http://", "https://")):
+            lines.append(f"{label}: [{target}]({target})  ")
+        elif target and Path(target).is_file():
+            lines.append(f"{label}: [{target}]({Path(target).resolve().as_uri()})  ")
+        elif target:
+            lines.append(f"{label}: `{target}`  ")
+    return ["", *lines] if lines else []
 
 
 class RunOutcome(BaseModel):

@@ -12,6 +12,7 @@ from pydantic import BaseModel, Field
 
 from loraflow.config import TrainingSettings
 from loraflow.errors import TrainingOutOfMemory
+from loraflow.tracking import TrackingRequest
 
 
 class TrainRequest(BaseModel):
@@ -26,6 +27,7 @@ class TrainRequest(BaseModel):
     logs_dir: str
     seed: int = 42
     processes: int = Field(default=1, ge=1, description="Training processes in all (devices x nodes), one per device.")
+    tracking: TrackingRequest | None = Field(default=None, description="Trackers the Trainer reports step metrics to.")
 
     @property
     def effective_batch_size(self) -> int:

@@ -41,6 +41,7 @@ from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: par
 )
 from loraflow.train.data import TokenizedDataset, collator_for
 from loraflow.train.device import DevicePlan, pick_device
+from loraflow.train.reporting import guard_trackers, report_to
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult, smaller_batch
 
 CLASSIFICATION = "sequence-classification"
@@ -163,6 +164,7 @@ def _train_once(
         ],
     )
     trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; _ProgressReporter says it in one line
+    guard_trackers(trainer, request.tracking, log)
     output = trainer.train(resume_from_checkpoint=resume_from)
     if stopper.stopped_at is not None:
         raise TrainingStopped(
@@ -239,7 +241,8 @@ def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool
         ddp_find_unused_parameters=False,  # LoRA trains a fixed set of parameters: skip DDP's graph walk
         seed=request.seed,
         data_seed=request.seed,
-        report_to="none",
+        report_to=report_to(request.tracking),
+        run_name=request.tracking.run_name if request.tracking else None,
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=plan.device == "cuda",
