@@ -46,7 +46,7 @@ def _devtools_port(profile: Path, process: subprocess.Popen, timeout: float) -> 
     raise TimeoutError("chromium did not open its DevTools port")
 
 
-def check_page(path: str | Path, timeout: float = 60.0) -> dict:
+def check_page(path: str | Path, timeout: float = 120.0) -> dict:
     """`{"facts": {...}, "errors": [...]}` for the page at `path`, as headless Chromium renders it."""
     from websockets.sync.client import connect
 
@@ -99,8 +99,11 @@ def _load_and_inspect(socket, url: str, timeout: float) -> dict:
         send(method)
     send("Page.navigate", url=url)
     pump(lambda: loaded[0], deadline)
-    if not loaded[0]:
-        raise TimeoutError(f"chromium did not finish loading {url}")
+    if not loaded[0]:  # a busy machine can drop the event; the document itself says whether it loaded
+        state = send("Runtime.evaluate", expression="document.readyState", returnByValue=True)
+        pump(lambda: state in answers, time.monotonic() + 10)
+        if answers.get(state, {}).get("result", {}).get("result", {}).get("value") != "complete":
+            raise TimeoutError(f"chromium did not finish loading {url}")
     pump(lambda: False, time.monotonic() + 1.0)  # late errors (a decode failure, a slow image)
     asked = send("Runtime.evaluate", expression=PAGE_FACTS, returnByValue=True)
     pump(lambda: asked in answers, deadline)
