@@ -35,7 +35,7 @@ from loraflow.variations import (
 from tasks.pipeline import result_storage
 from tasks.plans import plan_variations
 from tasks.registry import register_task
-from tasks.reporting import final_state, plan_state, publish_leaderboard
+from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_leaderboard
 from tasks.stages import StageRecorder
 from tasks.dispatch import should_dispatch
 from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
@@ -60,7 +60,10 @@ def variations(params: VariationsParams) -> State:
     if params.plan_only:
         return plan_state(plan_variations(params, base, variants))
 
-    data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+    with cancelled_when_stopped() as stop:
+        data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+    if stop.state:
+        return stop.state
     calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
                                    return_state=True) for variant, plan in variants}
     at_once = training_parallelism(params.gpu_concurrency_limit, max(plan.params.devices for _, plan in variants),
@@ -83,7 +86,7 @@ def variations(params: VariationsParams) -> State:
                "variations_result": str(base.layout.root / "variations_result.json")},
     )
     publish_leaderboard(result)
-    return final_state(result, result.message, failed=not result.ok)
+    return first_cancelled(states.values()) or final_state(result, result.message, failed=not result.ok)
 
 
 def register_best(plan: RunPlan, data: PreparedData, best: RunOutcome) -> RegistryVersion:
