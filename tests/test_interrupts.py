@@ -157,6 +157,7 @@ def test_a_temporary_server_killed_mid_run_ends_it_in_bounded_time_and_the_next_
     assert not list((home / "loraflow-slot-holders").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_a_run_queued_for_a_slot_says_who_holds_it_and_a_cancel_ends_it_at_once(prefect_server, tmp_path):
     from tasks.training import _holders_dir
 
@@ -200,6 +201,7 @@ def test_a_run_queued_for_a_slot_says_who_holds_it_and_a_cancel_ends_it_at_once(
     assert "training on " not in text and not (output_dir / NAME / ".training").exists(), "no model was loaded"
 
 
+@pytest.mark.slow
 def test_a_second_run_of_the_same_parameters_waits_for_the_first_and_finds_its_work_cached(prefect_server, tmp_path):
     output_dir = tmp_path / "runs"
     params = params_for(tmp_path, output_dir, limit="gpu-two-runs", num_epochs=2)
