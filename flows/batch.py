@@ -24,7 +24,7 @@ from loraflow.batch import BatchResult, dataset_runs
 from loraflow.config import BatchParams
 from loraflow.report import RunOutcome
 from tasks.plans import plan_batch
-from tasks.reporting import final_state, plan_state, publish_batch
+from tasks.reporting import final_state, first_cancelled, plan_state, publish_batch
 from tasks.subflows import run_subflows, subflow_outcome
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data"
@@ -61,7 +61,7 @@ def batch(params: BatchParams) -> State:
     result = BatchResult(name=params.name, strategy=params.strategy, datasets=outcomes,
                          paths={"batch_result": str(folder / "batch_result.json")})
     publish_batch(result)
-    return final_state(result, result.message, failed=bool(result.failed))
+    return first_cancelled(states.values()) or final_state(result, result.message, failed=bool(result.failed))
 
 
 if __name__ == "__main__":

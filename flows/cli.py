@@ -4,7 +4,9 @@
 (datasets, row counts, variants, output paths, estimated steps, cached stages), training nothing.
 
 Parameter-file problems are reported as one line and exit code 2 before Prefect starts;
-a run that fails (bad data, failed gates) prints its one-line reason and exits 1.
+a run that fails (bad data, failed gates) prints its one-line reason and exits 1. Ctrl-C (or
+SIGTERM) stops training at a checkpoint, ends the flow runs Cancelled and exits 130 (143) with
+one `stopped:` line; a second Ctrl-C quits at once (`tasks/interrupts.py`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from loraflow.errors import LoraflowError
 from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, summary_text
 from loraflow.variations import VariationsResult
+from tasks.interrupts import TerminalSession, interrupted, what_was_saved
 from tasks.training import finish_cancellation
 
 USAGE = (
@@ -66,7 +69,23 @@ def run_from_command_line(
     # The temporary server's telemetry job races the run for its SQLite file ("database is
     # locked" tracebacks); it inherits this environment when it starts on the first API call.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    state = finish_cancellation(flow(params, return_state=True))
+    stopped = None  # the last line of a run that was interrupted, said once the server is down
+    with TerminalSession() as session:
+        try:
+            state = session.run(flow, params)
+        except BaseException:
+            if not interrupted():
+                raise
+        if session.server_lost:
+            stopped = f"error: {session.server_lost}; {what_was_saved()}", 1
+        elif interrupted():
+            session.finish_runs()
+            stopped = session.stopped_line(), session.exit_code()
+        else:
+            state = finish_cancellation(state)
+    if stopped:
+        print(stopped[0], file=sys.stderr)
+        return stopped[1]
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, RunResult):
         print("\n" + summary_text(outcome))
@@ -74,6 +93,6 @@ def run_from_command_line(
         print("\n" + outcome.text())
     if state.is_completed():
         return 0
-    reason = outcome if isinstance(outcome, BaseException) else state.message
+    reason = state.message if state.is_cancelled() or not isinstance(outcome, BaseException) else outcome
     print(f"error: {reason}", file=sys.stderr)
     return 1

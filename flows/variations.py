@@ -36,7 +36,7 @@ from tasks.dispatch import should_dispatch
 from tasks.pipeline import result_storage
 from tasks.plans import plan_variations
 from tasks.registry import register_task
-from tasks.reporting import final_state, plan_state, publish_leaderboard
+from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_leaderboard
 from tasks.stages import StageRecorder
 from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
 from tasks.tracking import report_grid, start_grid_tracking
@@ -61,7 +61,10 @@ def variations(params: VariationsParams) -> State:
     if params.plan_only:
         return plan_state(plan_variations(params, base, variants))
 
-    data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+    with cancelled_when_stopped() as stop:
+        data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+    if stop.state:
+        return stop.state
     variants = start_grid_tracking(params, variants)  # with MLflow: the grid's parent run
     calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
                                    return_state=True) for variant, plan in variants}
@@ -86,7 +89,7 @@ def variations(params: VariationsParams) -> State:
     )
     publish_leaderboard(result)
     result = report_grid(params, base, variants, result)  # pictures, report.html, trackers
-    return final_state(result, result.message, failed=not result.ok)
+    return first_cancelled(states.values()) or final_state(result, result.message, failed=not result.ok)
 
 
 def register_best(plan: RunPlan, data: PreparedData, best: RunOutcome) -> RegistryVersion:

@@ -1,16 +1,26 @@
-"""The predictable folder layout of one run, and atomic writes into it."""
+"""The predictable folder layout of one run, atomic writes into it, and the lock that keeps one
+run at a time writing into a folder."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraflow.errors import TrainingStopped
+
 SUBDIRS = ("data", "config", "model", "eval", "samples", "logs")
 CACHE_DIRNAME = ".loraflow-cache"
+LOCK_FILENAME = ".lock"
+LOCK_POLL_SECONDS = 0.5
 
 
 def cache_dir(output_dir: str | Path) -> Path:
@@ -94,3 +104,54 @@ def atomic_write_jsonl(path: str | Path, rows: Any) -> Path:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def folder_holder(root: str | Path) -> str:
+    """Who holds a run folder's lock, as its lock file says: `run 'x' (pid 12 on gpu-3, since 10:04:05)`."""
+    try:
+        note = json.loads((Path(root) / LOCK_FILENAME).read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return "unknown"
+    since = time.strftime("%H:%M:%S", time.localtime(note.get("since", 0)))
+    return f"run {note.get('run', '?')!r} (pid {note.get('pid', '?')} on {note.get('host', '?')}, since {since})"
+
+
+@contextmanager
+def lock_run_folder(
+    root: str | Path,
+    run: str,
+    log: Callable[[str], None] = print,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[None]:
+    """Hold `root` for one run: an exclusive `flock` on `<root>/.lock`, so two runs of the same
+    parameters never write into one folder (two trainings into one `checkpoints/`).
+
+    A second run waits, saying so once with who holds the folder, and then finds what the first
+    produced in the cache; `should_stop` (a cancel, Ctrl-C) ends the wait with `TrainingStopped`.
+    The kernel drops the lock when its holder dies, so a killed run never leaves the folder held.
+    The lock file is never replaced (a rename would give waiters another file to lock), only rewritten.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK_FILENAME, "a+", encoding="utf-8")
+    try:
+        told = False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                pass
+            if not told:
+                log(f"{root} is in use by {folder_holder(root)}; waiting for it to finish")
+                told = True
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(f"{run}: cancelled while waiting for {root}, which another run is writing")
+            time.sleep(LOCK_POLL_SECONDS)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"run": run, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # closing the file drops the lock

@@ -82,6 +82,14 @@ def _worker(key: tuple[str, ...], env: dict[str, str]) -> _Worker:
         return _WORKERS[key]
 
 
+def stop_model_processes() -> None:
+    """End every model process of this process now: an interrupted run exits at once."""
+    with _WORKERS_GUARD:
+        for worker in _WORKERS.values():
+            worker.process.kill()
+        _WORKERS.clear()
+
+
 def run_model_work(function: str, *args: Any, lease: DeviceLease | None = None, **kwargs: Any) -> Any:
     """`module:function(*args, **kwargs)` in the worker process of the leased device (or the
     device-less one), returning its result or raising its exception."""

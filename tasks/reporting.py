@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 from prefect import get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.states import Completed, Failed, State
+from prefect.states import Cancelled, Completed, Failed, State
 
 from loraflow.batch import BatchResult
+from loraflow.errors import TrainingStopped
 from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, outcome_table, summary_markdown, write_csv, write_result
 from loraflow.variations import VariationsResult
@@ -67,3 +71,21 @@ def final_state(data: Any, message: str, failed: bool) -> State:
         return Failed(message=message, data=data)
     get_run_logger().info(message)
     return Completed(message=message, data=data)
+
+
+@contextmanager
+def cancelled_when_stopped() -> Iterator[SimpleNamespace]:
+    """A stop on request inside (a cancel, Ctrl-C, SIGTERM: `TrainingStopped`) ends the flow run
+    Cancelled with its reason, not Failed: `return stop.state or ...` after the block."""
+    stop = SimpleNamespace(state=None)
+    try:
+        yield stop
+    except TrainingStopped as stopped:
+        get_run_logger().warning(str(stopped))
+        stop.state = Cancelled(message=str(stopped))
+
+
+def first_cancelled(states: Iterable[State | None]) -> State | None:
+    """A Cancelled state for a parent whose subflow runs were cancelled (the first one's reason), or None."""
+    cancelled = next((state for state in states if state is not None and state.is_cancelled()), None)
+    return None if cancelled is None else Cancelled(message=cancelled.message)

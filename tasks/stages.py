@@ -18,6 +18,9 @@ from typing import Any
 from prefect import Task, get_run_logger
 from pydantic import BaseModel
 
+from loraflow.errors import TrainingStopped
+from tasks.interrupts import interrupted
+
 
 # Result fields that hold messages for people, which start with a data file's path but name no output.
 MESSAGE_FIELDS = {"warnings"}
@@ -54,6 +57,8 @@ class StageRecorder:
         self.cached: dict[str, bool] = {}
 
     def run(self, stage: str, task: Task, *args: Any, **kwargs: Any) -> Any:
+        if reason := interrupted():  # Ctrl-C or SIGTERM: start nothing new
+            raise TrainingStopped(f"{reason}: stopped before {stage}")
         started = time.monotonic()
         task = task.with_options(result_storage=self.result_storage)
         state = task(*args, return_state=True, **kwargs)
@@ -68,6 +73,8 @@ class StageRecorder:
     @contextmanager
     def timed(self, stage: str) -> Iterator[SimpleNamespace]:
         """Time a stage that is not a single task (a subflow); the caller sets `.cached`."""
+        if reason := interrupted():
+            raise TrainingStopped(f"{reason}: stopped before {stage}")
         started = time.monotonic()
         outcome = SimpleNamespace(cached=False)
         yield outcome

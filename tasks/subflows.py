@@ -19,6 +19,7 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from loraflow.devices import host_devices
+from tasks.interrupts import interrupted
 from tasks.training import ensure_concurrency_limit
 
 
@@ -35,7 +36,7 @@ def run_subflows(calls: dict[str, Callable[[], State]], max_parallel: int, stop_
     queue, in_flight, states = list(calls.items()), {}, {}
     with ThreadPoolTaskRunner(max_workers=max_parallel) as runner:
         while queue or in_flight:
-            stopping = stop_on_failure and any(not state.is_completed() for state in states.values())
+            stopping = bool(interrupted()) or (stop_on_failure and any(not s.is_completed() for s in states.values()))
             while queue and len(in_flight) < max_parallel and not stopping:
                 name, call = queue.pop(0)
                 future = runner.submit(_run_subflow.with_options(task_run_name=f"run-{name}"), {"call": call})

@@ -19,8 +19,8 @@ import json
 import os
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
@@ -36,13 +36,15 @@ from prefect.states import Cancelled, Cancelling, State
 
 from loraflow.devices import host_devices, lease_devices
 from loraflow.errors import ConfigError, TrainingStopped
-from loraflow.layout import atomic_write_json
+from loraflow.layout import atomic_write_json, lock_run_folder
 from loraflow.plan import ResolvedConfig
 from loraflow.train.launch import LaunchOptions, run_training
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
+from tasks.interrupts import interrupted, record_stopped_training, training_in_progress
 from tasks.policies import fingerprint_key, transient_retries
 
 SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
+SLOT_POLL_SECONDS = 2  # how long one attempt at the slots waits before the run checks for a cancel
 
 
 def ensure_concurrency_limit(name: str) -> int:
@@ -107,9 +109,57 @@ def reclaim_dead_holders(limit: str) -> None:
         get_run_logger().warning(f"released the {limit!r} slot of process {holder['pid']}, which died holding it")
 
 
+def slot_holders(limit: str) -> list[str]:
+    """Who holds slots of `limit`, as their notes say: `run 'reviews' (pid 12 on gpu-3, since 10:04:05)`."""
+    found = []
+    for note in sorted(_holders_dir().glob("*.json")):
+        try:
+            holder = json.loads(note.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if holder.get("limit") == limit:
+            since = time.strftime("%H:%M:%S", time.localtime(float(holder.get("since", 0))))
+            found.append(f"run {holder.get('run') or '?'!r} (pid {holder.get('pid')} on {holder.get('host')}, "
+                         f"since {since})")
+    return found
+
+
 @contextmanager
-def training_slots(limit: str, devices: int) -> Iterator[None]:
-    """Hold one slot of the global limit `limit` per device while training."""
+def _acquire_slots(limit: str, devices: int, run: str, log: Callable[[str], None],
+                   should_stop: Callable[[], bool] | None) -> Iterator[None]:
+    """Prefect's `concurrency`, asked for a few seconds at a time so that a cancel (or Ctrl-C) ends
+    the wait at once; the first failed attempt says who holds the slots, once."""
+    told = False
+    while True:
+        slots = ExitStack()
+        try:
+            slots.enter_context(concurrency(limit, occupy=devices, strict=True, lease_duration=SLOT_LEASE_SECONDS,
+                                            timeout_seconds=SLOT_POLL_SECONDS))
+        except TimeoutError:
+            if not told:
+                held = "; ".join(slot_holders(limit)) or "holders unknown (another host, or a run without notes)"
+                log(f"waiting for {devices} slot(s) of the global concurrency limit {limit!r}, held by: {held}")
+                told = True
+            if should_stop is not None and should_stop():
+                raise TrainingStopped(f"{run}: cancelled while waiting for a {limit!r} slot; nothing was trained")
+            reclaim_dead_holders(limit)  # a holder that died while we waited
+            continue
+        break
+    with slots:  # gives the slots back on the way out; raises if that fails
+        yield
+
+
+@contextmanager
+def training_slots(limit: str, devices: int, run: str = "?", log: Callable[[str], None] | None = None,
+                   should_stop: Callable[[], bool] | None = None) -> Iterator[None]:
+    """Hold one slot of the global limit `limit` per device while training.
+
+    Waits (saying so once, with who holds them) while the slots are taken, after giving back those
+    of dead holders, and gives up with `TrainingStopped` when `should_stop` says the run was
+    cancelled. The holder's note is removed only once the slots were given back: when that fails
+    (the server is gone), the note stays and the next run on this host gives them back.
+    """
+    log = log or get_run_logger().info
     slots = ensure_concurrency_limit(limit)
     if devices > slots:
         raise ConfigError(
@@ -117,16 +167,23 @@ def training_slots(limit: str, devices: int) -> Iterator[None]:
             f"{slots}; raise it (`prefect gcl update {limit} --limit {devices}`) or lower devices"
         )
     reclaim_dead_holders(limit)
-    with concurrency(limit, occupy=devices, strict=True, lease_duration=SLOT_LEASE_SECONDS):
-        context = ConcurrencyContext.get()  # records each lease it grants, newest last
-        lease_id = str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
-        note = _holders_dir() / f"{lease_id or os.getpid()}.json"
-        holder = {"limit": limit, "host": socket.gethostname(), "pid": os.getpid(), "lease_id": lease_id,
-                  "since": time.time(), "slots": devices}
+    held = ExitStack()
+    held.enter_context(_acquire_slots(limit, devices, run, log, should_stop))
+    context = ConcurrencyContext.get()  # records each lease it grants, newest last
+    lease_id = str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
+    note = _holders_dir() / f"{lease_id or os.getpid()}.json"
+    holder = {"limit": limit, "run": run, "host": socket.gethostname(), "pid": os.getpid(), "lease_id": lease_id,
+              "since": time.time(), "slots": devices}
+    try:
         atomic_write_json(note, holder)
+        yield
+    finally:
         try:
-            yield
-        finally:
+            held.close()
+        except Exception as error:  # noqa: BLE001 - the training's own outcome is what the run reports
+            log(f"warning: could not give back the {limit!r} slot ({type(error).__name__}: {error}); {note} "
+                "stays, and the next run on this host gives the slot back")
+        else:
             note.unlink(missing_ok=True)
 
 
@@ -144,6 +201,8 @@ class CancellationWatch:
         self.cancelled_run_id: str | None = None
 
     def __call__(self) -> bool:
+        if interrupted():  # Ctrl-C, SIGTERM, or the temporary server gone (tasks/interrupts.py)
+            return True
         try:
             with get_client(sync_client=True) as client:
                 states = {run_id: client.read_flow_run(run_id).state for run_id in self.flow_run_ids}
@@ -180,6 +239,11 @@ def finish_cancellation(state: State) -> State:
     return cancelled
 
 
+def hold_run_folder(root: str | Path, run: str):
+    """`lock_run_folder` for a flow: waits are logged to the run, and a cancel or Ctrl-C ends them."""
+    return lock_run_folder(root, run, log=get_run_logger().info, should_stop=CancellationWatch())
+
+
 class TrainingProgress:
     """Forwards trainer progress to the run logs and to a progress artifact in the UI."""
 
@@ -188,8 +252,13 @@ class TrainingProgress:
         self.artifact_id = create_progress_artifact(progress=0.0, description=f"Training LoRA adapter for {name}")
 
     def __call__(self, update: ProgressUpdate) -> None:
+        if interrupted():  # stopping; the server may be gone, and each try would hold up the stop by seconds
+            return
         percent = 100.0 * update.step / max(1, update.max_steps)
-        update_progress_artifact(self.artifact_id, progress=min(100.0, percent))
+        try:
+            update_progress_artifact(self.artifact_id, progress=min(100.0, percent))
+        except (httpx.HTTPError, OSError):  # the UI's progress bar is not worth a training: the server may be gone
+            pass
 
 
 def _train_key(context, parameters) -> str:
@@ -214,15 +283,18 @@ def train_adapter_task(
     logger = get_run_logger()
     devices = config.processes // launch.nnodes
     watch = CancellationWatch()
-    with training_slots(concurrency_limit, devices), \
+    with training_slots(concurrency_limit, devices, run=flow_run.get_name() or config.name, log=logger.info,
+                        should_stop=watch), \
             lease_devices(devices, f"training {config.name!r}", log=logger.info, should_stop=watch) as lease:
         nodes = f" on each of {launch.nnodes} nodes" if launch.nnodes > 1 else ""
         logger.info(f"training on {', '.join(lease.labels)}{nodes}: {config.processes} process(es), "
                     f"{config.total_steps} optimiser steps planned")
         try:
-            return run_training(request, lease, launch, on_progress=TrainingProgress(config.name), log=logger.info,
-                                should_stop=watch)
+            with training_in_progress(request.checkpoint_dir):
+                return run_training(request, lease, launch, on_progress=TrainingProgress(config.name),
+                                    log=logger.info, should_stop=watch)
         except TrainingStopped as stopped:
             logger.warning(str(stopped))
+            record_stopped_training(str(stopped))
             _note_on_cancelling_run(watch.cancelled_run_id, str(stopped))
             raise

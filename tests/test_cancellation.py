@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, FlowRunFilterParentTaskRunId
 from prefect.client.schemas.sorting import FlowRunSort
 from prefect.settings import PREFECT_API_URL
 
@@ -74,11 +74,15 @@ def test_cancelling_stops_training_at_a_checkpoint_and_ends_the_run_cancelled(pr
         code = process.wait(timeout=120)
         stopped_in = time.monotonic() - cancelled_at
         final = client.read_flow_run(run.id).state
+        subflows = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
 
     log = (tmp_path / "params.log").read_text()
     assert code == 1, log[-4000:]
     assert stopped_in < 60, f"training took {stopped_in:.0f}s to stop (the CLI itself takes ~10s to start)"
     assert final.is_cancelled(), final
+    assert [(r.name, r.state.type.value) for r in subflows if r.name == NAME] == [(NAME, "CANCELLED")], \
+        "the train-evaluate subflow ends Cancelled, not Failed"
     assert final.message.startswith("training stopped on request at step ")
     last_line = log.strip().splitlines()[-1]
     assert last_line.startswith("error: training stopped on request at step ") and "run again to resume" in last_line

@@ -1,0 +1,336 @@
+"""Ending a run started from a terminal: Ctrl-C, SIGTERM, and a temporary server that goes away.
+
+A terminal's Ctrl-C sends SIGINT to its whole foreground process group. Prefect starts the
+temporary server of a bare `python flows/x.py` (no PREFECT_API_URL) on the first API call, as a
+child in that group, so Ctrl-C used to kill the server first and leave the run retrying its
+API calls for minutes. `TerminalSession` therefore:
+
+- starts the temporary server itself, before the flow, in a session of its own (Prefect's own
+  `SubprocessASGIServer`, which the run's clients then find and reuse), and stops it on the way out;
+- runs the flow in a thread, so that the main thread only waits and handles signals (Prefect's
+  engine installs its SIGTERM handler only in the main thread);
+- on the first SIGINT/SIGTERM asks everything to stop (`interrupt`): training saves a checkpoint
+  and stops, waits for slots, devices and folders give up, no new stage starts, and the flow runs
+  end Cancelled with the reason; a second signal, or a run that has not stopped by the deadline,
+  ends the process at once (the training tree goes with it; its last complete checkpoint stays);
+- watches the temporary server: if it dies or stops answering, training stops at a checkpoint
+  and the run ends within a bounded time with one line naming the server and what was saved.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import prefect
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.context import refresh_global_settings_context
+from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
+from prefect.states import Cancelled, State
+
+from loraflow.errors import TrainingStopped
+from loraflow.model_process import stop_model_processes
+from loraflow.train.checkpoints import find_resumable_checkpoint
+from loraflow.train.launch import LaunchOptions, request_stop_all
+
+# How long a stopping run may take before the process ends anyway: the training's own grace to
+# save its checkpoint, and time to set the flow runs' states.
+STOP_DEADLINE_S = LaunchOptions().stop_grace_s + 30
+SERVER_CHECK_S = 5.0  # how often the temporary server is asked for its health
+SERVER_FAILURES = 3  # unanswered health checks in a row that count as the server gone
+SERVER_LOST_DEADLINE_S = 45.0  # after the server is gone: time for training to save its checkpoint
+CLIENT_MAX_RETRIES = "2"  # an API call retries 2 s + 4 s, not Prefect's default 2+4+8+16+32 s
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+_STOP = threading.Event()
+_REASON: list[str] = []
+_STOPPED_TRAININGS: list[str] = []
+_ACTIVE_TRAININGS = [0]
+_UNFINISHED_TRAININGS: list[str] = []
+_GUARD = threading.Lock()
+
+
+def interrupt(reason: str) -> None:
+    """Ask this whole process to stop: trainings save a checkpoint and stop, waits give up,
+    no stage starts. The first reason is the one reported."""
+    with _GUARD:
+        if not _REASON:
+            _REASON.append(reason)
+    _STOP.set()
+    request_stop_all()
+
+
+def interrupted() -> str | None:
+    """Why this process was asked to stop, or None."""
+    return _REASON[0] if _STOP.is_set() else None
+
+
+def record_stopped_training(message: str) -> None:
+    """What a training that stopped on request saved (its `TrainingStopped` message), for the last line."""
+    with _GUARD:
+        _STOPPED_TRAININGS.append(message)
+
+
+class training_in_progress:
+    """Counts trainings in flight, so that a run whose server is gone waits for them to stop and no
+    longer; remembers those that ended otherwise than finished or stopped, to say what they left."""
+
+    def __init__(self, checkpoint_dir: str):
+        self.checkpoint_dir = checkpoint_dir
+
+    def __enter__(self) -> None:
+        with _GUARD:
+            _ACTIVE_TRAININGS[0] += 1
+            _UNFINISHED_TRAININGS.append(self.checkpoint_dir)
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        with _GUARD:
+            _ACTIVE_TRAININGS[0] -= 1
+            if exc_type is None or issubclass(exc_type, TrainingStopped):  # finished, or said what it saved
+                _UNFINISHED_TRAININGS.remove(self.checkpoint_dir)
+
+
+def what_was_saved() -> str:
+    """The checkpoints the trainings of this process left, for the last line of an interrupted run."""
+    with _GUARD:
+        said = list(_STOPPED_TRAININGS)
+        unfinished = list(_UNFINISHED_TRAININGS)
+    for checkpoint_dir in unfinished:
+        found = find_resumable_checkpoint(checkpoint_dir, log=lambda message: None)
+        said.append(f"training ended with {Path(found).name} saved in {checkpoint_dir}: run again to resume" if found
+                    else f"training ended before its first checkpoint in {checkpoint_dir}")
+    return "; ".join(said) or "no training was in progress; finished stages are cached, so a re-run goes on from there"
+
+
+def shielded_server() -> Any:
+    """Prefect's temporary server, started in a session of its own: a terminal's Ctrl-C (sent to
+    the foreground process group) no longer reaches it. Registered where Prefect looks for it
+    (`SubprocessASGIServer()` returns this instance), so every client of the run uses it.
+    (Imported here: the server module costs a second to import, and a configured server needs none.)"""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    class ShieldedServer(SubprocessASGIServer):
+        def _run_uvicorn_command(self) -> subprocess.Popen[Any]:
+            # Prefect 3.8.8's own command line and environment, plus start_new_session.
+            server_env = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+            return subprocess.Popen(
+                args=[sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                      "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                      "--log-level", "error", "--lifespan", "on"],
+                env={**os.environ, **server_env, **get_current_settings().to_environment_variables(exclude_unset=True)},
+                start_new_session=True,
+            )
+
+        def kill(self) -> None:
+            if self.server_process is not None and self.server_process.poll() is None:
+                self.server_process.kill()
+            self.stop()
+
+        def healthy(self) -> bool:
+            if self.server_process is None or self.server_process.poll() is not None:
+                return False
+            try:
+                return httpx.get(f"{self.api_url}/health", timeout=3).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+    existing = SubprocessASGIServer._instances.get(None)
+    if existing is not None and existing.running:
+        return None  # something in this process already started one; nothing left to shield
+    SubprocessASGIServer._instances.pop(None, None)
+    return ShieldedServer()
+
+
+def _drain_api_workers(timeout: float = 5) -> None:
+    """Send the run logs and events still queued, as Prefect's own test harness does before it stops its server."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=timeout)
+        except Exception:  # noqa: BLE001 - a worker never started, or the server is already gone
+            pass
+
+
+def finish_interrupted_runs(top_run_id: Any, reason: str) -> None:
+    """Set the top run (unless it completed) and every subflow run of it that has not finished (or
+    crashed on the interrupt) to Cancelled with `reason`; subflow runs that completed, failed or
+    were cancelled on their own keep their state."""
+    with get_client(sync_client=True) as client:
+        runs, parents = [client.read_flow_run(top_run_id)], [top_run_id]
+        while parents:
+            children = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=parents)))
+            runs.extend(children)
+            parents = [child.id for child in children]
+        for run in runs:
+            state = run.state
+            if run.id == top_run_id:  # the run the user started says why it stopped and what was saved
+                finish = state is None or not state.is_completed()
+            else:
+                finish = state is None or not state.is_final() or state.is_crashed()
+            if finish:
+                client.set_flow_run_state(run.id, Cancelled(message=reason), force=True)
+
+
+class TerminalSession:
+    """Runs one flow call for `python flows/x.py`; see the module docstring."""
+
+    def __init__(self, err: Callable[[str], None] | None = None):
+        self.server: Any = None  # the shielded temporary server, when this run starts one
+        self.signal: int | None = None
+        self.top_run_id: Any = None
+        self.deadline: float | None = None
+        self.server_lost: str | None = None
+        self._lost_at = 0.0
+        self._err = err or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._previous: dict[int, Any] = {}
+
+    # -- set-up and tear-down ------------------------------------------------------------------
+    def __enter__(self) -> "TerminalSession":
+        if not PREFECT_API_URL.value() and PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", CLIENT_MAX_RETRIES)
+            refresh_global_settings_context()
+            self.server = shielded_server()
+            if self.server is not None:
+                self.server.start()
+        for signum in EXIT_CODES:
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self.server is not None:
+            _drain_api_workers()  # logs and events still queued would go to a server that is gone
+            self.server.stop()
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, flow: Any, params: Any) -> State:
+        """`flow(params, return_state=True)` in a thread; returns its state, or raises what it raised."""
+        outcome: dict[str, Any] = {}
+
+        def record_run(flow_: Any, flow_run: Any, state: State) -> None:
+            self.top_run_id = flow_run.id
+
+        def target() -> None:
+            try:
+                outcome["state"] = flow.with_options(on_running=[record_run])(params, return_state=True)
+            except BaseException as error:  # noqa: BLE001 - handed to the main thread
+                outcome["error"] = error
+
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(target,), name="flow", daemon=True)
+        thread.start()
+        last_check, failures = time.monotonic(), 0
+        while thread.is_alive():
+            thread.join(0.5)
+            now = time.monotonic()
+            if self.server is not None and self.server_lost is None and now - last_check >= SERVER_CHECK_S:
+                last_check = now
+                failures = 0 if self.server.healthy() else failures + 1
+                if failures >= SERVER_FAILURES or (self.server.server_process is None
+                                                   or self.server.server_process.poll() is not None):
+                    self._lose_server(now)
+            if self.server_lost is not None and thread.is_alive() and now > self._lost_at + 3:
+                with _GUARD:
+                    training = _ACTIVE_TRAININGS[0]
+                if training == 0 or now > self.deadline:
+                    thread.join(3)  # what the flow still has to say, if it can
+                    if thread.is_alive():
+                        self.exit_now(f"error: {self.server_lost}; {what_was_saved()}", 1, set_states=False)
+            if self.deadline is not None and now > self.deadline and thread.is_alive():
+                self.exit_now(self.stopped_line(), self.exit_code())
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["state"]
+
+    def _lose_server(self, now: float) -> None:
+        self.server_lost = f"the Prefect server at {self.server.address} stopped responding"
+        self._lost_at, self.deadline = now, now + SERVER_LOST_DEADLINE_S
+        self._err(f"{self.server_lost}: stopping training at a checkpoint")
+        os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # the run's logs have nowhere to go now
+        refresh_global_settings_context()
+        interrupt(self.server_lost)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signal is not None or self.server_lost is not None:
+            self.exit_now(self.stopped_line(signum, at_once=True), EXIT_CODES[signal.Signals(signum)],
+                          set_states=self.server_lost is None)
+        self.signal = signum
+        interrupt(f"interrupted by {self.signal_name(signum)}")
+        self.deadline = time.monotonic() + STOP_DEADLINE_S
+        self._err(f"{self.signal_name(signum)}: stopping at the next checkpoint; press Ctrl-C again to quit at once")
+
+    # -- reporting -----------------------------------------------------------------------------
+    @staticmethod
+    def signal_name(signum: int) -> str:
+        return "SIGINT (Ctrl-C)" if signum == signal.SIGINT else signal.Signals(signum).name
+
+    def reason(self) -> str:
+        return interrupted() or "stopped"
+
+    def stopped_line(self, signum: int | None = None, at_once: bool = False) -> str:
+        if at_once:
+            return (f"stopped: {self.reason()}, then {self.signal_name(signum)} again: quit at once; the last "
+                    "complete checkpoint and finished stages are kept, run again to resume")
+        return f"stopped: {self.reason()}; {what_was_saved()}"
+
+    def exit_code(self) -> int:
+        return EXIT_CODES[signal.Signals(self.signal)] if self.signal is not None else 1
+
+    def finish_runs(self, timeout: float = 10) -> None:
+        """Cancelled states for the interrupted run tree, given at most `timeout` seconds."""
+        if self.top_run_id is None:
+            return
+        done = threading.Thread(target=self._finish_runs, daemon=True)
+        done.start()
+        done.join(timeout)
+
+    def _finish_runs(self) -> None:
+        try:
+            finish_interrupted_runs(self.top_run_id, f"{self.reason()}; {what_was_saved()}")
+        except Exception:  # noqa: BLE001 - the server may be gone; the line still says what happened
+            pass
+
+    def exit_now(self, line: str, code: int, set_states: bool = True) -> None:
+        """End the process now: model processes, flow run states (briefly), the server, one line."""
+        stop_model_processes()
+        for child in multiprocessing.active_children():  # a Dask cluster's processes, if any
+            child.kill()
+        if set_states:
+            self.finish_runs(timeout=5)
+        if self.server is not None:
+            self.server.kill()
+        _stop_resource_tracker()  # it would warn about the killed processes' semaphores after the last line
+        self._err(line)
+        os._exit(code)
+
+
+def _stop_resource_tracker(timeout: float = 3) -> None:
+    """Let multiprocessing's resource tracker clean up now: it does so, and says so, when the last
+    process holding its pipe is gone."""
+    from multiprocessing import resource_tracker
+
+    tracker = resource_tracker._resource_tracker
+    fd, pid = getattr(tracker, "_fd", None), getattr(tracker, "_pid", None)
+    if fd is None or pid is None:
+        return
+    try:
+        os.close(fd)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.05)
+    except OSError:
+        pass

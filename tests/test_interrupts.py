@@ -1,0 +1,273 @@
+"""Interrupted and crowded runs, the way a user meets them: Ctrl-C in a terminal on a bare
+`python flows/single.py`, a temporary server that dies mid-run, a run queued for a slot that is
+cancelled, two runs of the same parameters at once, and slots whose release failed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+from prefect.states import Cancelling
+
+from loraflow.errors import TrainingStopped
+from loraflow.layout import lock_run_folder
+from loraflow.train.checkpoints import checkpoint_problem, find_resumable_checkpoint
+from tests.test_cancellation import top_level_run
+from tests.test_crash_resume import NAME, REPO, params_for, start_run, wait_for_checkpoint
+
+
+def start_bare_run(params: dict, params_file: Path, prefect_home: Path) -> subprocess.Popen:
+    """`python flows/single.py params.yaml` as a user starts it: no PREFECT_API_URL (Prefect's temporary
+    server), in a session of its own so that a signal to its process group is a terminal's Ctrl-C."""
+    params_file.write_text(yaml.safe_dump(params))
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update({"PREFECT_HOME": str(prefect_home), "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(prefect_home / "results")})
+    log = open(params_file.with_suffix(".log"), "w")
+    return subprocess.Popen([sys.executable, str(REPO / "flows" / "single.py"), str(params_file)], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line or environment contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            seen = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+            if text.encode() in seen and (proc / "stat").read_text().split()[2] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def flow_run_states(prefect_home: Path) -> dict[str, tuple[str, str]]:
+    """Each flow's run state and message, read from the temporary server's SQLite file once it is gone."""
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
+        rows = db.execute(
+            "SELECT flow.name, flow_run.state_type, (SELECT message FROM flow_run_state WHERE flow_run_id = flow_run.id "
+            "ORDER BY timestamp DESC LIMIT 1) FROM flow_run JOIN flow ON flow.id = flow_run.flow_id").fetchall()
+    return {flow: (state_type, message or "") for flow, state_type, message in rows}
+
+
+def bare_run_in_training(tmp_path: Path, limit: str):
+    """A bare run of many epochs, once it has written its first checkpoint."""
+    home, output_dir = tmp_path / "prefect-home", tmp_path / "runs"
+    params = params_for(tmp_path, output_dir, limit=limit, num_epochs=30)
+    run = start_bare_run(params, tmp_path / "first.yaml", home)
+    wait_for_checkpoint(run, output_dir / NAME / "checkpoints", timeout=300)
+    return home, output_dir, params, run
+
+
+def ended_after(run: subprocess.Popen, action) -> tuple[int, float]:
+    """The run's exit code after `action`, and the seconds it took to end."""
+    action()
+    started = time.monotonic()
+    code = run.wait(timeout=180)
+    return code, time.monotonic() - started
+
+
+def last_line(log: Path) -> str:
+    return log.read_text().strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_on_a_bare_run_stops_at_a_checkpoint_in_seconds_and_a_rerun_resumes(tmp_path):
+    home, output_dir, params, run = bare_run_in_training(tmp_path, "gpu-ctrl-c")
+    checkpoints = output_dir / NAME / "checkpoints"
+
+    code, took = ended_after(run, lambda: os.killpg(run.pid, signal.SIGINT))  # a terminal's Ctrl-C: the whole group
+    log = tmp_path / "first.log"
+    assert code == 130, log.read_text()[-4000:]
+    assert took < 30, f"took {took:.0f}s to stop"
+    line = last_line(log)
+    assert line.startswith("stopped: interrupted by SIGINT (Ctrl-C); training stopped on request at step "), line
+    assert "ConnectError" not in log.read_text(), "the run never lost its server"
+    step = int(line.split("at step ")[1].split()[0])
+    kept = find_resumable_checkpoint(checkpoints, log=lambda message: None)
+    assert kept == str(checkpoints / f"checkpoint-{step}") and checkpoint_problem(Path(kept)) is None
+    time.sleep(1)
+    assert processes_mentioning(str(output_dir / NAME / ".training")) == [], "training processes left behind"
+    assert processes_mentioning(str(home)) == [], "the temporary server (or another process of the run) is left"
+    states = flow_run_states(home)
+    assert states["single"][0] == "CANCELLED" and states["single"][1] == line.removeprefix("stopped: ")
+    assert states["train-evaluate"][0] == "CANCELLED", states
+    assert not list((home / "loraflow-slot-holders").glob("*.json")), "the slot was given back"
+
+    rerun = start_bare_run(params, tmp_path / "second.yaml", home)
+    wait_for_checkpoint_after(rerun, checkpoints, step)
+    os.killpg(rerun.pid, signal.SIGTERM)
+    assert rerun.wait(timeout=120) == 143
+    second = (tmp_path / "second.log").read_text()
+    assert f"resuming from checkpoint-{step} (step {step} of " in second
+    assert last_line(tmp_path / "second.log").startswith("stopped: interrupted by SIGTERM; training stopped")
+
+
+def wait_for_checkpoint_after(process: subprocess.Popen, checkpoints: Path, step: int, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = find_resumable_checkpoint(checkpoints, log=lambda message: None)
+        if found and int(Path(found).name.split("-")[1]) > step:
+            return
+        assert process.poll() is None, f"the run ended (exit {process.returncode})"
+        time.sleep(0.1)
+    raise AssertionError("no later checkpoint")
+
+
+@pytest.mark.slow
+def test_a_temporary_server_killed_mid_run_ends_it_in_bounded_time_and_the_next_run_gives_its_slot_back(tmp_path):
+    home, output_dir, params, run = bare_run_in_training(tmp_path, "gpu-server-dies")
+    checkpoints = output_dir / NAME / "checkpoints"
+
+    servers = [pid for pid in processes_mentioning(str(home))
+               if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(servers) == 1, servers
+    code, took = ended_after(run, lambda: os.kill(servers[0], signal.SIGKILL))
+    log = tmp_path / "first.log"
+    assert code == 1, log.read_text()[-4000:]
+    assert took < 60, f"took {took:.0f}s to end"
+    line = last_line(log)
+    assert line.startswith("error: the Prefect server at http://127.0.0.1:") and "stopped responding" in line, line
+    assert "training stopped on request at step " in line and "run again to resume" in line, line
+    assert "Traceback" not in log.read_text().split("stopped responding")[1]
+    assert find_resumable_checkpoint(checkpoints, log=lambda message: None)
+    time.sleep(1)
+    assert processes_mentioning(str(output_dir / NAME / ".training")) == []
+    notes = list((home / "loraflow-slot-holders").glob("*.json"))
+    assert len(notes) == 1, "the slot could not be given back, so its note stays for the next run"
+
+    rerun = start_bare_run(params, tmp_path / "second.yaml", home)
+    assert rerun.wait(timeout=400) == 0, (tmp_path / "second.log").read_text()[-4000:]
+    second = (tmp_path / "second.log").read_text()
+    assert "released the 'gpu-server-dies' slot of process" in second
+    assert "resuming from checkpoint-" in second
+    assert not list((home / "loraflow-slot-holders").glob("*.json"))
+
+
+@pytest.mark.slow
+def test_a_run_queued_for_a_slot_says_who_holds_it_and_a_cancel_ends_it_at_once(prefect_server, tmp_path):
+    from tasks.training import _holders_dir
+
+    limit, output_dir = "gpu-queued-cancel", tmp_path / "runs"
+    holder = {"limit": limit, "run": "blocker", "host": socket.gethostname(), "pid": os.getpid(), "lease_id": None,
+              "since": time.time(), "slots": 1}
+    note = _holders_dir() / "blocker.json"
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(limit, 1)
+        client.increment_concurrency_slots(names=[limit], slots=1, mode="concurrency")  # a live holder's slot
+        note.parent.mkdir(parents=True, exist_ok=True)
+        note.write_text(json.dumps(holder))
+        try:
+            process = start_run(params_for(tmp_path, output_dir, limit=limit), tmp_path / "params.yaml")
+            log = tmp_path / "params.log"
+            deadline = time.monotonic() + 240
+            while "waiting for 1 slot(s)" not in log.read_text():
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+                time.sleep(0.2)
+            run = top_level_run(client, output_dir)
+            client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"), force=True)
+            cancelled = time.monotonic()
+            code = process.wait(timeout=60)
+            took = time.monotonic() - cancelled
+            final = client.read_flow_run(run.id).state
+            children = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[run.id])))
+        finally:
+            note.unlink(missing_ok=True)
+            client.release_concurrency_slots(names=[limit], slots=1, occupancy_seconds=1)
+
+    text = log.read_text()
+    waiting = next(line for line in text.splitlines() if "waiting for 1 slot(s)" in line)
+    assert f"held by: run 'blocker' (pid {os.getpid()} on {socket.gethostname()}, since " in waiting
+    assert text.count("waiting for 1 slot(s)") == 1, "said once"
+    assert code == 1 and took < 20, (code, took)
+    assert "cancelled while waiting for a 'gpu-queued-cancel' slot; nothing was trained" in last_line(log)
+    assert final.is_cancelled(), final
+    train_evaluate = [r for r in children if r.name == NAME]
+    assert len(train_evaluate) == 1 and train_evaluate[0].state.is_cancelled(), [r.state for r in children]
+    assert "training on " not in text and not (output_dir / NAME / ".training").exists(), "no model was loaded"
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_parameters_waits_for_the_first_and_finds_its_work_cached(prefect_server, tmp_path):
+    output_dir = tmp_path / "runs"
+    params = params_for(tmp_path, output_dir, limit="gpu-two-runs", num_epochs=2)
+    first = start_run(params, tmp_path / "first.yaml")
+    wait_for_checkpoint(first, output_dir / NAME / "checkpoints")
+    second = start_run(params, tmp_path / "second.yaml")
+    assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-4000:]
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-4000:]
+
+    log = (tmp_path / "second.log").read_text()
+    waiting = [line for line in log.splitlines() if "is in use by run" in line]
+    assert len(waiting) == 1 and f"{output_dir / NAME} is in use by run '{NAME}' (pid {first.pid} on " in waiting[0]
+    result = json.loads((output_dir / NAME / "result.json").read_text())
+    assert result["cached"]["train"] is True and result["cached"]["prepare"] is True, result["cached"]
+    assert "resuming from checkpoint" not in log, "the second run never trained into the first one's checkpoints"
+
+
+def test_the_run_folder_lock_names_its_holder_once_and_a_stop_ends_the_wait(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom loraflow.layout import lock_run_folder\n"
+         "with lock_run_folder(sys.argv[1], 'first'):\n    print('held', flush=True)\n    time.sleep(60)\n",
+         str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        said: list[str] = []
+        asked = threading.Event()
+
+        def should_stop() -> bool:
+            if asked.is_set():
+                return True
+            asked.set()
+            return False
+
+        with pytest.raises(TrainingStopped, match="second: cancelled while waiting for .*run, which another run is writing"):
+            with lock_run_folder(tmp_path / "run", "second", log=said.append, should_stop=should_stop):
+                pass
+        assert len(said) == 1 and f"is in use by run 'first' (pid {holder.pid} on {socket.gethostname()}" in said[0]
+    finally:
+        holder.kill()
+        holder.wait()
+    with lock_run_folder(tmp_path / "run", "third", log=said.append):  # the kernel dropped the dead holder's lock
+        pass
+    assert len(said) == 1
+
+
+def test_a_slot_whose_release_failed_keeps_its_note_for_the_next_run(prefect_server, monkeypatch):
+    """The server went away while the run held the slot: the note stays, so the next run can give it back."""
+    import httpx
+    from prefect.concurrency import _sync
+
+    from tasks.training import _holders_dir, training_slots
+
+    limit = "gpu-release-fails"
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(limit, 1)
+    said: list[str] = []
+    with training_slots(limit, 1, run="held", log=said.append):
+        notes = [n for n in _holders_dir().glob("*.json") if json.loads(n.read_text())["limit"] == limit]
+        assert len(notes) == 1 and json.loads(notes[0].read_text())["run"] == "held"
+
+        def unreachable(lease_id):
+            raise httpx.ConnectError("All connection attempts failed")
+
+        monkeypatch.setattr(_sync, "release_concurrency_slots_with_lease", unreachable)
+    assert notes[0].exists(), "the note must outlive a failed release"
+    assert "could not give back the 'gpu-release-fails' slot" in said[-1]
+    notes[0].unlink()
+    with get_client(sync_client=True) as client:  # the slot the failed release left taken
+        client.release_concurrency_slots(names=[limit], slots=1, occupancy_seconds=1)
