@@ -321,7 +321,7 @@ def prepare_pipeline(params: dict[str, Any], timed: Stopwatch | None = None) -> 
     plan = plan_run(checked)
     layout = plan.layout
     with timed("prepare"):
-        prepared = prepare_dataset(checked.dataset, checked.task, layout.data, checked.seed)
+        prepared = prepare_dataset(checked.dataset, checked.task, layout.data)
     config = resolve_config(plan, prepared)
     write_resolved_config(config, layout.config)
     with timed("tokenize"):

@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> str:
     import torch
     import transformers
 
-    from loraflow.config import LoraSettings, TrainingSettings
     from loraflow.devices import lease_devices
+    from loraflow.settings import LoraSettings, TrainingSettings
     from loraflow.train.launch import run_training
     from loraflow.train.request import TrainRequest
 

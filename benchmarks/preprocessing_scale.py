@@ -104,7 +104,7 @@ def dask(args: dict[str, Any]) -> dict[str, Any]:
     @flow(name="benchmark-preprocess")
     def preprocess() -> dict[str, float]:
         stages = StageRecorder(result_storage(params))
-        prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, plan.layout.data, params.seed)
+        prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, plan.layout.data)
         tokenize_stage(stages, plan, prepared, plan.settings.max_length)
         return stages.timings
 
@@ -119,8 +119,8 @@ def datasets_map(args: dict[str, Any]) -> dict[str, Any]:
     import datasets
     from transformers import AutoTokenizer
 
-    from loraflow.config import resolve_training_settings
     from loraflow.models import resolve_model
+    from loraflow.settings import resolve_training_settings
 
     datasets.disable_progress_bars()
     max_length = resolve_training_settings("classification-small", {}, TASK).max_length

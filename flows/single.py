@@ -22,7 +22,13 @@ from prefect.states import State
 
 from loraflow.config import SingleParams
 from loraflow.gates import check_gates
-from loraflow.plan import PreparedData, RunPlan, plan_run, resolve_config, write_resolved_config
+from loraflow.plan import (
+    PreparedData,
+    RunPlan,
+    plan_run,
+    resolve_config,
+    write_resolved_config,
+)
 from loraflow.report import RunResult, failure_message, write_result
 from tasks.data import prepare_dataset_task
 from tasks.dispatch import train_stage
@@ -65,7 +71,7 @@ def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PreparedData
     params, layout = plan.params, plan.layout
     stages = StageRecorder(result_storage(params))
     with hold_run_folder(layout.root, plan.name):
-        prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, layout.data, params.seed)
+        prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, layout.data)
         config = resolve_config(plan, prepared)
         shards = {length: tokenize_stage(stages, plan, prepared, length)
                   for length in sorted({config.settings.max_length, *max_lengths})}

@@ -21,6 +21,7 @@ from prefect.states import State
 
 from flows.single import prepare_data, train_evaluate
 from loraflow.config import VariationsParams
+from loraflow.grid import rank_metric
 from loraflow.plan import PreparedData, RunPlan, resolve_config
 from loraflow.registry import RegistryVersion
 from loraflow.report import RunOutcome
@@ -29,7 +30,6 @@ from loraflow.variations import (
     VariationsResult,
     best_variant,
     leaderboard,
-    rank_metric,
     variant_plans,
 )
 from tasks.dispatch import should_dispatch

@@ -26,10 +26,6 @@ class RegistryError(LoraflowError):
     """A registry version's folder is missing or incomplete and cannot be restored from this run."""
 
 
-class GateFailure(LoraflowError):
-    """Evaluation finished but one or more quality gates failed."""
-
-
 class TrainingStopped(LoraflowError):
     """Training was asked to stop (the run was cancelled); the last checkpoint is saved for a resume."""
 

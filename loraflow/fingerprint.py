@@ -38,8 +38,14 @@ def hash_tree(root: str | Path, pattern: str = "*") -> str:
     return digest.hexdigest()
 
 
+def source_version(*files: str | Path) -> str:
+    """Fingerprint of some source files: what a cache key carries so that a code change invalidates it."""
+    return hash_bytes(b"".join(Path(file).name.encode() + b"\0" + Path(file).read_bytes() for file in files))
+
+
 @lru_cache(maxsize=1)
 def code_version() -> str:
     """Fingerprint of the loraflow core source and presets: a code change invalidates caches."""
     package_root = Path(__file__).resolve().parent
-    return hash_bytes((hash_tree(package_root, "*.py") + hash_tree(package_root, "*.yaml")).encode())[:16]
+    files = sorted(p for pattern in ("*.py", "*.yaml") for p in package_root.rglob(pattern) if "__pycache__" not in p.parts)
+    return source_version(*files)[:16]

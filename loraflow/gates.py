@@ -1,4 +1,4 @@
-"""Quality gates: which metrics each task reports, and the verdict of each threshold.
+"""Quality gates: the verdict of each threshold (which metrics each task reports: `loraflow.metrics`).
 
 Kept free of torch so parameter validation can check gates in milliseconds.
 """
@@ -9,12 +9,7 @@ import math
 
 from pydantic import BaseModel
 
-from loraflow.config import METRIC_HIGHER_IS_BETTER
-
-TASK_METRICS: dict[str, frozenset[str]] = {
-    "sequence-classification": frozenset({"accuracy", "f1_macro", "precision", "recall"}),
-    "causal-lm": frozenset({"eval_loss", "perplexity"}),
-}
+from loraflow.metrics import HIGHER_IS_BETTER
 
 
 class GateVerdict(BaseModel):
@@ -25,16 +20,11 @@ class GateVerdict(BaseModel):
     passed: bool
 
 
-def metrics_for_task(task: str) -> set[str]:
-    """The gate metrics evaluation reports for `task`: gates naming others can never pass."""
-    return set(TASK_METRICS[task])
-
-
 def check_gates(metrics: dict, gates: dict[str, float]) -> list[GateVerdict]:
     """One verdict per gate: `accuracy: 0.85` passes at >= 0.85, `perplexity: 40` at <= 40; missing fails."""
     verdicts = []
     for metric, threshold in gates.items():
-        higher = METRIC_HIGHER_IS_BETTER[metric]
+        higher = HIGHER_IS_BETTER[metric]
         value = metrics.get(metric)
         value = float(value) if isinstance(value, (int, float)) else None
         passed = value is not None and not math.isnan(value) and (value >= threshold if higher else value <= threshold)

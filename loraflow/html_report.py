@@ -87,7 +87,7 @@ def _page(title: str, body: str) -> str:
 
 
 def _comparison(result: RunResult) -> str:
-    from loraflow.config import METRIC_HIGHER_IS_BETTER
+    from loraflow.metrics import HIGHER_IS_BETTER
 
     rows = []
     for metric, value in scalar_metrics(result.metrics).items():
@@ -95,7 +95,7 @@ def _comparison(result: RunResult) -> str:
         change = ""
         if isinstance(base, (int, float)):
             delta = value - base
-            better = (delta >= 0) == METRIC_HIGHER_IS_BETTER.get(metric, True)
+            better = (delta >= 0) == HIGHER_IS_BETTER.get(metric, True)
             change = f'<span class="{"better" if better else "worse"}">{delta:+.4f}</span>'
         rows.append([escape(metric), _fmt(value), _fmt(base), change])
     return _table(["metric", "adapter", "base model", "change"], rows, numeric={1, 2, 3})

@@ -15,15 +15,17 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from loraflow.config import SingleParams, TrainingSettings, resolve_training_settings
+from loraflow.config import SingleParams
 from loraflow.data.prepare import PreparedDataset
 from loraflow.data.readers import source_files
 from loraflow.errors import ConfigError
 from loraflow.fingerprint import code_version, hash_json
-from loraflow.gates import metrics_for_task
 from loraflow.layout import RunLayout, atomic_write_text, cache_dir
+from loraflow.metrics import metrics_for_task
 from loraflow.models import check_target_modules, model_identity, resolve_model
+from loraflow.settings import TrainingSettings, resolve_training_settings
 from loraflow.tracking import TrackingParent, check_trackers
+
 
 class RunPlan(BaseModel):
     params: SingleParams

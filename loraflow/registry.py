@@ -28,10 +28,10 @@ from typing import Any
 
 from pydantic import BaseModel, Field, model_validator
 
-from loraflow.config import check_safe_name
 from loraflow.errors import ConfigError, RegistryError
 from loraflow.fingerprint import hash_tree
 from loraflow.layout import atomic_write_json, honour_umask
+from loraflow.settings import check_safe_name
 
 
 class Verdict(BaseModel):

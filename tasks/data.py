@@ -11,7 +11,13 @@ from prefect.task_runners import TaskRunner
 
 from loraflow.config import DatasetSpec
 from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
-from loraflow.data.tokenize import Shard, collect_rejects, plan_shards, shard_paths_by_split, tokenize_shard
+from loraflow.data.tokenize import (
+    Shard,
+    collect_rejects,
+    plan_shards,
+    shard_paths_by_split,
+    tokenize_shard,
+)
 from loraflow.models import model_identity
 from tasks import events
 from tasks.policies import fingerprint_key, transient_retries
@@ -19,20 +25,18 @@ from tasks.policies import fingerprint_key, transient_retries
 
 def _prepare_key(context, parameters) -> str:
     spec, task_name = parameters["spec"], parameters["task"]
-    return fingerprint_key(
-        "prepare", source_fingerprint(spec, task_name), str(parameters["data_dir"]), parameters["seed"]
-    )
+    return fingerprint_key("prepare", source_fingerprint(spec, task_name), str(parameters["data_dir"]))
 
 
 @task(name="prepare-dataset", cache_key_fn=_prepare_key, **transient_retries())
-def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path, seed: int) -> PreparedDataset:
+def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path) -> PreparedDataset:
     """Read, validate, normalise, dedupe and split the dataset.
 
     Cached on the bytes of the input files plus the preparation settings: unchanged data
     is never re-read. I/O errors (a flaky network mount) are retried; a malformed dataset
     is not, since the same bytes fail the same way.
     """
-    prepared = prepare_dataset(spec, task, data_dir, seed=seed)
+    prepared = prepare_dataset(spec, task, data_dir)
     counts = ", ".join(f"{split} {count}" for split, count in prepared.counts.items())
     logger = get_run_logger()
     logger.info(f"prepared {prepared.name}: {counts}; rejects in {prepared.rejects_path}")
@@ -75,7 +79,9 @@ def dask_task_runner(address: str | None, prepared: PreparedDataset | None = Non
     cluster uses threads (fast tokenizers release the GIL). With a server, processes, once
     the `prepared` splits hold PROCESS_CLUSTER_MIN_BYTES (or their size is not given).
     """
-    from prefect_dask import DaskTaskRunner  # imports distributed: not needed by a run served from the cache
+    from prefect_dask import (
+        DaskTaskRunner,  # imports distributed: not needed by a run served from the cache
+    )
 
     # distributed sets its loggers to INFO when imported; its per-worker start-up lines would bury the run's logs.
     logging.getLogger("distributed").setLevel(logging.WARNING)

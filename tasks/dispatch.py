@@ -18,6 +18,7 @@ from prefect.runtime import deployment
 from pydantic import BaseModel
 
 from blocks import LoraflowStorage, TrainingInfrastructure
+from blocks.infrastructure import DEFAULT_BLOCK_NAME
 from loraflow.config import SingleParams
 from loraflow.errors import LoraflowError
 from loraflow.plan import ResolvedConfig
@@ -27,7 +28,6 @@ from tasks import events
 from tasks.stages import StageRecorder
 from tasks.training import train_adapter_task
 
-STORAGE_BLOCK_NAME = "default"
 POLL_SECONDS = 2
 
 
@@ -82,7 +82,7 @@ def train_stage(
 def storage_env() -> dict[str, str]:
     """Point the training run's persisted result at the shared storage block, when saved."""
     try:
-        storage = LoraflowStorage.load(STORAGE_BLOCK_NAME)
+        storage = LoraflowStorage.load(DEFAULT_BLOCK_NAME)
     except ValueError:  # no set-up: the default local result storage (one host) still works
         return {}
     return {"PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK": storage.result_storage_slug()}

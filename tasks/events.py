@@ -25,8 +25,6 @@ from loraflow.registry import RegistryVersion
 from loraflow.report import RunResult, scalar_metrics
 from loraflow.train.request import TrainResult
 
-DATASET_UPDATED = "loraflow.dataset.updated"
-
 
 def emit(event: str, name: str, version: Any, paths: dict[str, str | None], payload: dict[str, Any]) -> Event | None:
     """One loraflow event; resource labels are strings, so paths become `loraflow.path.<kind>`."""

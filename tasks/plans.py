@@ -23,6 +23,7 @@ from loraflow.data.prepare import PreparedDataset
 from loraflow.data.tokenize import plan_shards
 from loraflow.errors import LoraflowError
 from loraflow.gates import check_gates
+from loraflow.grid import Variant, rank_metric
 from loraflow.plan import (
     CACHED,
     PREPARED_NOW,
@@ -35,10 +36,16 @@ from loraflow.plan import (
     resolve_config,
 )
 from loraflow.report import error_line
-from loraflow.variations import BEST_ALIAS, Variant, rank_metric
+from loraflow.variations import BEST_ALIAS
 from tasks.data import prepare_dataset_task, tokenize_shard_task
 from tasks.evaluation import evaluate_task, samples_task
-from tasks.pipeline import expected_shards, result_storage, tokenize_stage_name, tokens_dir, train_request
+from tasks.pipeline import (
+    expected_shards,
+    result_storage,
+    tokenize_stage_name,
+    tokens_dir,
+    train_request,
+)
 from tasks.registry import PROMOTED_ALIAS, register_task
 from tasks.stages import StageRecorder, missing_outputs
 from tasks.training import train_adapter_task
@@ -67,7 +74,7 @@ def plan_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> tuple[PlannedDa
     """Prepare (or reuse) the dataset, and what tokenisation and the baseline would do."""
     params, layout = plan.params, plan.layout
     stages = StageRecorder(result_storage(params))
-    prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, layout.data, params.seed)
+    prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, layout.data)
     probe = CacheProbe(stages.result_storage)
     config = resolve_config(plan, prepared)
     status = {"prepare": CACHED if stages.cached["prepare"] else PREPARED_NOW}

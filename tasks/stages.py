@@ -21,7 +21,6 @@ from pydantic import BaseModel
 from loraflow.errors import TrainingStopped
 from tasks.interrupts import interrupted
 
-
 # Result fields that hold messages for people, which start with a data file's path but name no output.
 MESSAGE_FIELDS = {"warnings"}
 

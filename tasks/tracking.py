@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from loraflow.config import RunSettings, VariationsParams
+from loraflow.grid import Variant
 from loraflow.plan import RunPlan
 from loraflow.report import RunResult, write_result
 from loraflow.tracking import (
@@ -38,7 +39,7 @@ from loraflow.tracking import (
     write_tensorboard,
 )
 from loraflow.train.request import TrainRequest
-from loraflow.variations import Variant, VariationsResult
+from loraflow.variations import VariationsResult
 from tasks.reporting import artifact_key
 
 

@@ -4,17 +4,16 @@ import json
 
 import pytest
 
-from loraflow.config import (
-    SingleParams,
-    available_presets,
-    expand_dotted,
-    load_params_file,
-    resolve_training_settings,
-)
+from loraflow.config import SingleParams, load_params_file
 from loraflow.errors import ConfigError, LoraflowError
 from loraflow.layout import cache_dir
 from loraflow.models import resolve_model
 from loraflow.plan import plan_run
+from loraflow.settings import (
+    available_presets,
+    expand_dotted,
+    resolve_training_settings,
+)
 
 CLS = "sequence-classification"
 

@@ -8,17 +8,17 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from loraflow.config import LoraSettings, TrainingSettings
 from loraflow.evaluate import classification_report, evaluate_model
-from loraflow.gates import check_gates, metrics_for_task
+from loraflow.gates import check_gates
 from loraflow.layout import read_jsonl
+from loraflow.metrics import metrics_for_task
 from loraflow.models import bundled_minilm_dir
 from loraflow.samples import run_sample_prompts
+from loraflow.settings import LoraSettings, TrainingSettings
 from loraflow.train.request import TrainRequest
 from loraflow.train.trainer import train_adapter
 from tests import tiny_models as tiny
 from tests.tiny_models import EASY_LABELS
-
 
 CLASSIFICATION = "sequence-classification"
 

@@ -14,7 +14,12 @@ import pytest
 from flows.single import single
 from loraflow.config import SingleParams
 from loraflow.registry import Registry
-from tests.tiny_models import EASY_LABELS, build_tiny_llama, easy_classification_examples, tiny_corpus
+from tests.tiny_models import (
+    EASY_LABELS,
+    build_tiny_llama,
+    easy_classification_examples,
+    tiny_corpus,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 FAST_CLASSIFICATION = {"num_epochs": 4, "learning_rate": 0.005, "save_steps": 10, "batch_size": 8, "max_length": 32}
@@ -178,7 +183,7 @@ def test_tokenisation_starts_a_dask_cluster_only_for_shards_still_to_tokenise(tm
 
     params = classification_params(tmp_path)
     plan = plan_run(params)
-    prepared = prepare_dataset(params.dataset, params.task, plan.layout.data, params.seed)
+    prepared = prepare_dataset(params.dataset, params.task, plan.layout.data)
     max_length = plan.settings.max_length
     assert isinstance(shard_runner(plan, prepared, max_length), DaskTaskRunner)
     shards = plan_shards(prepared, params.shard_size)

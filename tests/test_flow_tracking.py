@@ -25,8 +25,8 @@ from tests import browser
 from tests.test_flow_single import FAST_CLASSIFICATION, classification_params
 from tests.test_flow_variations import grid_params
 from tests.test_tracking import closed_port, fake_run
-from tests.test_training_process import two_cpu_slots  # noqa: F401  (a fixture)
 from tests.test_train import tiny_llama  # noqa: F401  (a fixture)
+from tests.test_training_process import two_cpu_slots  # noqa: F401  (a fixture)
 
 pytest.importorskip("mlflow", reason="the tracking extra is not installed: pip install -e '.[tracking]'")
 pytest.importorskip("tensorboard", reason="the tracking extra is not installed: pip install -e '.[tracking]'")

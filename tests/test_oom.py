@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from loraflow.config import LoraSettings
 from loraflow.errors import TrainingOutOfMemory
+from loraflow.settings import LoraSettings
 from loraflow.train.trainer import config_fingerprint, train_adapter
 from tasks.policies import is_transient
 from tests.test_train import adapter_weights, request_for, tiny_llama  # noqa: F401  (tiny_llama is a fixture)

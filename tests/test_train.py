@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from loraflow.config import LoraSettings, TrainingSettings
 from loraflow.evaluate import evaluate_model
 from loraflow.models import bundled_minilm_dir
+from loraflow.settings import LoraSettings, TrainingSettings
 from loraflow.train.checkpoints import (
     COMPLETE_MARKER,
     FINGERPRINT_FILE,

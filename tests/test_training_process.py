@@ -16,11 +16,17 @@ import psutil
 import pytest
 import torch
 
-from loraflow.config import LoraSettings
 from loraflow.devices import host_devices, lease_devices
 from loraflow.errors import ConfigError, TrainingOutOfMemory, TrainingStopped
+from loraflow.settings import LoraSettings
 from loraflow.train.checkpoints import find_resumable_checkpoint
-from loraflow.train.launch import LaunchOptions, TrainingProcessDied, join_command, run_training, torchrun_command
+from loraflow.train.launch import (
+    LaunchOptions,
+    TrainingProcessDied,
+    join_command,
+    run_training,
+    torchrun_command,
+)
 from loraflow.train.worker import WorkerJob
 from tasks.policies import is_transient
 from tests.test_train import adapter_weights, request_for, tiny_llama  # noqa: F401  (tiny_llama is a fixture)

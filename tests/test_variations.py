@@ -11,15 +11,9 @@ import pytest
 from loraflow.config import VariationsParams, load_params_file
 from loraflow.errors import ConfigError
 from loraflow.gates import GateVerdict
+from loraflow.grid import expand_variations, rank_metric
 from loraflow.report import RunOutcome, outcome_table, write_csv
-from loraflow.variations import (
-    best_variant,
-    expand_variations,
-    leaderboard,
-    rank_metric,
-    variant_plans,
-    variant_root,
-)
+from loraflow.variations import best_variant, leaderboard, variant_plans, variant_root
 
 DATA = str(Path(__file__).resolve().parents[1] / "loraflow" / "sample_data" / "topics.csv")
 

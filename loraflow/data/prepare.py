@@ -24,11 +24,12 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from loraflow.config import TASKS, DatasetSpec
+from loraflow.config import DatasetSpec
 from loraflow.data.readers import Record, read_records, source_files
 from loraflow.errors import ConfigError, DataError
-from loraflow.fingerprint import hash_bytes, hash_file, hash_json
+from loraflow.fingerprint import hash_file, hash_json, source_version
 from loraflow.layout import atomic_write_bytes, atomic_write_json
+from loraflow.settings import TASKS
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 PROMPT_SEPARATOR = "\n"
@@ -122,7 +123,7 @@ def _source_entries(spec: DatasetSpec, files: list[tuple[Path, str]]) -> list[di
 def _code_version() -> str:
     """The preparation code itself: a change to how rows are read or normalised invalidates caches."""
     here = Path(__file__).resolve().parent
-    return hash_bytes(b"".join((here / name).read_bytes() for name in ("readers.py", "prepare.py")))
+    return source_version(here / "readers.py", here / "prepare.py")
 
 
 def _source_fingerprint(spec: DatasetSpec, task: str, sources: list[dict[str, Any]]) -> str:
@@ -223,13 +224,12 @@ class _Collector:
         return None
 
 
-def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path, seed: int = 42) -> PreparedDataset:
+def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path) -> PreparedDataset:
     """Read, validate, normalise, deduplicate, split and write one dataset under `data_dir`.
 
-    `seed` is accepted for interface symmetry but does not change the output: splits come
-    from content hashes so every run (and every seed of a variations grid) shares one test set.
+    No seed: splits come from content hashes, so every run (and every seed of a variations
+    grid) shares one test set.
     """
-    del seed
     columns = _columns(spec, task)
     files = _files(spec, task, columns)
     data_dir = Path(data_dir)
@@ -269,8 +269,7 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path, seed: in
     label_map_path = None
     if labels is not None:
         label_map_path = data_dir / "label_map.json"
-        id2label = {str(i): name for i, name in enumerate(labels)}
-        atomic_write_json(label_map_path, {"id2label": id2label, "label2id": {n: i for i, n in enumerate(labels)}})
+        atomic_write_json(label_map_path, label_map(labels))
     samples_path = data_dir / "sample_prompts.jsonl"
     atomic_write_bytes(samples_path, _jsonl_bytes(_sample_prompts(by_split["test"], collector)))
     counts = {split: len(by_split[split]) for split in SPLITS}
@@ -500,6 +499,11 @@ def _sample_prompts(test_rows: list[_Row], collector: _Collector) -> list[dict[s
             prompt = " ".join(words[:half])
             samples.append({"prompt": prompt, "input": prompt, "reference": " ".join(words[half:])})
     return samples
+
+
+def label_map(labels: list[str]) -> dict[str, dict]:
+    """`{"id2label": {0: name}, "label2id": {name: 0}}`: the model config's and label_map.json's shape."""
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: index for index, label in enumerate(labels)}}
 
 
 def read_label_map(prepared: PreparedDataset) -> dict[str, Any]:

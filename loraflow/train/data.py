@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from loraflow.data.tokenize import IGNORE_INDEX
 from loraflow.errors import DataError
 
-IGNORE_INDEX = -100  # label id the loss skips: padding and (causal-LM) prompt tokens
 _COLUMNS = ("input_ids", "attention_mask", "labels")
 
 

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, Field
 
-from loraflow.config import TrainingSettings
 from loraflow.errors import TrainingOutOfMemory
+from loraflow.settings import TrainingSettings
 from loraflow.tracking import TrackingRequest
 
 

@@ -30,6 +30,7 @@ from transformers import (
     set_seed,
 )
 
+from loraflow.data.prepare import label_map
 from loraflow.errors import ConfigError, DataError, TrainingStopped
 from loraflow.layout import atomic_write_json
 from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: part of this module's API)
@@ -42,7 +43,12 @@ from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: par
 from loraflow.train.data import TokenizedDataset, collator_for
 from loraflow.train.device import DevicePlan, pick_device
 from loraflow.train.reporting import guard_trackers, report_to
-from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult, smaller_batch
+from loraflow.train.request import (
+    ProgressUpdate,
+    TrainRequest,
+    TrainResult,
+    smaller_batch,
+)
 
 CLASSIFICATION = "sequence-classification"
 STOP_CHECK_SECONDS = 1.0
@@ -54,11 +60,6 @@ def load_tokenizer(model_path: str):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-def label_map(labels: list[str]) -> dict[str, dict]:
-    """`{"id2label": {0: name}, "label2id": {name: 0}}`: the model config's and label_map.json's shape."""
-    return {"id2label": dict(enumerate(labels)), "label2id": {label: index for index, label in enumerate(labels)}}
 
 
 def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=None):
