@@ -11,6 +11,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # Device leases of the tests' trainings stay apart from any real run's on this host.
 os.environ["LORAFLOW_DEVICE_LOCKS"] = os.path.join(_PREFECT_HOME, "device-locks")
 os.environ.pop("PREFECT_API_URL", None)
+os.environ["LORAFLOW_USE_RUNNING_SERVER"] = "0"  # a bare run in a test never joins a developer's own server
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -271,3 +271,23 @@ def test_a_slot_whose_release_failed_keeps_its_note_for_the_next_run(prefect_ser
     notes[0].unlink()
     with get_client(sync_client=True) as client:  # the slot the failed release left taken
         client.release_concurrency_slots(names=[limit], slots=1, occupancy_seconds=1)
+
+
+def test_a_bare_run_uses_a_prefect_server_already_running_at_the_local_address(prefect_server, tmp_path):
+    """`python flows/single.py` with no PREFECT_API_URL joins a server that answers at the default
+    local address (here: the session's, named through LORAFLOW_LOCAL_SERVER_URL) instead of starting
+    a temporary one, and says so."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    params = params_for(tmp_path, tmp_path / "runs", limit="gpu-running-server-test")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(LORAFLOW_USE_RUNNING_SERVER="1", LORAFLOW_LOCAL_SERVER_URL=url)
+    done = subprocess.run([sys.executable, str(REPO / "flows" / "single.py"), str(tmp_path / "params.yaml"), "--plan"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"using the Prefect server already running at {url}" in done.stderr
+    assert "Starting temporary server" not in done.stderr + done.stdout
+    with get_client(sync_client=True) as client:
+        assert top_level_run(client, tmp_path / "runs").state.is_completed()

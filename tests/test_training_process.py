@@ -226,7 +226,7 @@ def test_a_stop_request_checkpoints_and_a_hung_child_is_ended(tmp_path, tiny_lla
     errors: list[BaseException] = []
     job_dir = tmp_path / "hung" / ".training"
     with lease_devices(1, "hung") as lease:
-        thread = _start_in_thread(hung, LaunchOptions(hang_timeout_s=15), lease, errors)
+        thread = _start_in_thread(hung, LaunchOptions(hang_timeout_s=20), lease, errors)
         rank = int(_wait_for(lambda: next((job_dir / "pids").glob("rank-0.pid"), None), 60, "the rank").read_text())
         _wait_for(lambda: (Path(hung.logs_dir) / "metrics.jsonl").is_file(), 120, "a first step")
         os.kill(rank, signal.SIGSTOP)  # alive, but no step will ever end

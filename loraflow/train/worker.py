@@ -98,6 +98,10 @@ def _heartbeat():
     class Heartbeat(TrainerCallback):
         last = 0.0
 
+        def on_train_begin(self, args, state, control, **kwargs):  # the model is loaded: the hang clock restarts
+            if state.is_world_process_zero:
+                emit("heartbeat", state.global_step)
+
         def on_step_end(self, args, state, control, **kwargs):
             if state.is_world_process_zero and time.monotonic() - self.last >= HEARTBEAT_SECONDS:
                 self.last = time.monotonic()
@@ -121,6 +125,8 @@ def main(argv: list[str]) -> int:
     Path(job.pids_dir, f"rank-{rank}.pid").write_text(str(os.getpid()), encoding="utf-8")
     stop = StopRequests(job)
     speak = rank == 0
+    if speak:
+        emit("heartbeat", 0)  # started: the hang clock counts the imports and the model load from here
     try:
         import torch
 
