@@ -16,6 +16,7 @@ seconds per process) and cannot be told to die with its parent. The functions ar
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import pickle
@@ -83,11 +84,15 @@ def _worker(key: tuple[str, ...], env: dict[str, str]) -> _Worker:
 
 
 def stop_model_processes() -> None:
-    """End every model process of this process now: an interrupted run exits at once."""
+    """End every model process of this process now: on exit, and when an interrupted run exits at once."""
     with _WORKERS_GUARD:
         for worker in _WORKERS.values():
             worker.process.kill()
+            worker.process.wait()
         _WORKERS.clear()
+
+
+atexit.register(stop_model_processes)  # a worker waits for its next job otherwise, until it sees the exit
 
 
 def run_model_work(function: str, *args: Any, lease: DeviceLease | None = None, **kwargs: Any) -> Any:

@@ -13,8 +13,9 @@ API calls for minutes. `TerminalSession` therefore:
   and stops, waits for slots, devices and folders give up, no new stage starts, and the flow runs
   end Cancelled with the reason; a second signal, or a run that has not stopped by the deadline,
   ends the process at once (the training tree goes with it; its last complete checkpoint stays);
-- watches the temporary server: if it dies or stops answering, training stops at a checkpoint
-  and the run ends within a bounded time with one line naming the server and what was saved.
+- watches the server (the temporary one, or the one PREFECT_API_URL names): if it dies or stops
+  answering, training stops at a checkpoint and the run ends within a bounded time with one line
+  naming the server and what was saved, instead of retrying its API calls for minutes.
 
 A temporary server costs 8-16 s per run on a small machine, a third of a fully cached re-run. So
 when a Prefect server already answers at the default local address (`prefect server start
@@ -51,7 +52,7 @@ from loraflow.train.launch import LaunchOptions, request_stop_all
 # How long a stopping run may take before the process ends anyway: the training's own grace to
 # save its checkpoint, and time to set the flow runs' states.
 STOP_DEADLINE_S = LaunchOptions().stop_grace_s + 30
-SERVER_CHECK_S = 5.0  # how often the temporary server is asked for its health
+SERVER_CHECK_S = 5.0  # how often the server is asked for its health
 SERVER_FAILURES = 3  # unanswered health checks in a row that count as the server gone
 SERVER_LOST_DEADLINE_S = 45.0  # after the server is gone: time for training to save its checkpoint
 CLIENT_MAX_RETRIES = "2"  # an API call retries 2 s + 4 s, not Prefect's default 2+4+8+16+32 s
@@ -208,6 +209,7 @@ class TerminalSession:
 
     def __init__(self, err: Callable[[str], None] | None = None):
         self.server: Any = None  # the shielded temporary server, when this run starts one
+        self.api_url: str | None = None  # the server the run talks to, watched while it runs
         self.signal: int | None = None
         self.top_run_id: Any = None
         self.deadline: float | None = None
@@ -229,6 +231,7 @@ class TerminalSession:
             self.server = shielded_server()
             if self.server is not None:
                 self.server.start()
+        self.api_url = self.server.api_url if self.server is not None else PREFECT_API_URL.value()
         for signum in EXIT_CODES:
             self._previous[signum] = signal.signal(signum, self._on_signal)
         return self
@@ -260,11 +263,10 @@ class TerminalSession:
         while thread.is_alive():
             thread.join(0.5)
             now = time.monotonic()
-            if self.server is not None and self.server_lost is None and now - last_check >= SERVER_CHECK_S:
+            if self.api_url and self.server_lost is None and now - last_check >= SERVER_CHECK_S:
                 last_check = now
-                failures = 0 if self.server.healthy() else failures + 1
-                if failures >= SERVER_FAILURES or (self.server.server_process is None
-                                                   or self.server.server_process.poll() is not None):
+                failures = 0 if self._server_answers() else failures + 1
+                if failures >= SERVER_FAILURES or self._server_process_gone():
                     self._lose_server(now)
             if self.server_lost is not None and thread.is_alive() and now > self._lost_at + 3:
                 with _GUARD:
@@ -279,8 +281,21 @@ class TerminalSession:
             raise outcome["error"]
         return outcome["state"]
 
+    def _server_answers(self) -> bool:
+        if self.server is not None:
+            return self.server.healthy()
+        try:
+            return httpx.get(f"{self.api_url.rstrip('/')}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _server_process_gone(self) -> bool:
+        """The temporary server's process ended (a configured server's process is not ours to see)."""
+        return self.server is not None and (self.server.server_process is None
+                                            or self.server.server_process.poll() is not None)
+
     def _lose_server(self, now: float) -> None:
-        self.server_lost = f"the Prefect server at {self.server.address} stopped responding"
+        self.server_lost = f"the Prefect server at {self.api_url.rstrip('/').removesuffix('/api')} stopped responding"
         self._lost_at, self.deadline = now, now + SERVER_LOST_DEADLINE_S
         self._err(f"{self.server_lost}: stopping training at a checkpoint")
         os.environ["PREFECT_LOGGING_TO_API_ENABLED"] = "false"  # the run's logs have nowhere to go now

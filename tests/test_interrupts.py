@@ -291,3 +291,46 @@ def test_a_bare_run_uses_a_prefect_server_already_running_at_the_local_address(p
     assert "Starting temporary server" not in done.stderr + done.stdout
     with get_client(sync_client=True) as client:
         assert top_level_run(client, tmp_path / "runs").state.is_completed()
+
+
+@pytest.mark.slow
+def test_a_configured_server_that_dies_mid_run_ends_it_in_bounded_time(tmp_path):
+    """PREFECT_API_URL names a real `prefect server start`; killed mid-training, the bare run stops at a
+    checkpoint and ends with one line naming the server, instead of retrying its calls for minutes."""
+    from benchmarks.common import _free_port, _healthy, child_environment
+
+    home, output_dir = tmp_path / "server-home", tmp_path / "runs"
+    home.mkdir()
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                               str(port)], env=child_environment(home, None), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not _healthy(url):
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.5)
+        params = params_for(tmp_path, output_dir, limit="gpu-configured-server-dies", num_epochs=30)
+        (tmp_path / "first.yaml").write_text(yaml.safe_dump(params))
+        env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_HOME": str(tmp_path / "client-home")}
+        log = open(tmp_path / "first.log", "w")
+        run = subprocess.Popen([sys.executable, str(REPO / "flows" / "single.py"), str(tmp_path / "first.yaml")],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
+        wait_for_checkpoint(run, output_dir / NAME / "checkpoints", timeout=300)
+        code, took = ended_after(run, lambda: os.killpg(server.pid, signal.SIGKILL))
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        server.wait()
+    text = (tmp_path / "first.log").read_text()
+    assert code == 1, text[-4000:]
+    assert took < 90, f"took {took:.0f}s to end"
+    line = last_line(tmp_path / "first.log")
+    assert line.startswith(f"error: the Prefect server at http://127.0.0.1:{port} stopped responding"), line
+    assert "run again to resume" in line, line
+    assert find_resumable_checkpoint(output_dir / NAME / "checkpoints", log=lambda message: None)
+    time.sleep(1)
+    assert processes_mentioning(str(output_dir / NAME / ".training")) == []
