@@ -38,7 +38,7 @@ from tasks.plans import plan_single
 from tasks.registry import PROMOTED_ALIAS, register_task
 from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_summary
 from tasks.stages import StageRecorder
-from tasks.tracking import report_run, start_tracking
+from tasks.tracking import ended_if_failed, report_run, start_tracking
 from tasks.training import hold_run_folder
 
 
@@ -95,11 +95,12 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
         shards = data.shards[config.settings.max_length]
 
         request = start_tracking(plan, train_request(plan, config, shards))
-        trained = train_stage(stages, config, request, params)
-        metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir,
-                             layout.eval / "metrics.json")
-        samples = stages.run("samples", samples_task, config, trained.adapter_dir,
-                             data.prepared.sample_prompts_path, layout.samples / "predictions.jsonl")
+        with ended_if_failed(request):  # an MLflow run of a training that broke is not left running
+            trained = train_stage(stages, config, request, params)
+            metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir,
+                                 layout.eval / "metrics.json")
+            samples = stages.run("samples", samples_task, config, trained.adapter_dir,
+                                 data.prepared.sample_prompts_path, layout.samples / "predictions.jsonl")
 
         gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gates)}
         passed = all(gate.passed for gate in gates.values())

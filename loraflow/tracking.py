@@ -199,6 +199,11 @@ def log_mlflow_run(uri: str, run_id: str, record: RunRecord, finish: bool = True
         client.set_terminated(run_id, "FINISHED")
 
 
+def end_mlflow_run(uri: str, run_id: str, status: str) -> None:
+    """End a run that will log nothing more: `FAILED` (training or evaluation raised) or `KILLED` (stopped)."""
+    _client(uri).set_terminated(run_id, status)
+
+
 def _history(metrics_jsonl: str) -> dict[str, list[tuple[int, float]]]:
     from loraflow.pictures import training_history
 

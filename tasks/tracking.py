@@ -10,7 +10,8 @@ the tracker steps without creating a task run, and never imports mlflow or tenso
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from loraflow.config import RunSettings, VariationsParams
+from loraflow.errors import TrainingStopped
 from loraflow.grid import Variant
 from loraflow.plan import RunPlan
 from loraflow.report import RunResult, write_result
@@ -28,6 +30,7 @@ from loraflow.tracking import (
     RunRecord,
     TrackingParent,
     TrackingRequest,
+    end_mlflow_run,
     final_metrics,
     grid_record,
     log_mlflow_run,
@@ -70,6 +73,21 @@ def _open_mlflow_run(params: RunSettings, experiment: str, run_name: str, parent
         create_link_artifact(url, link_text=f"MLflow run of {run_name}", key=artifact_key(run_name, "mlflow"),
                              description=f"loraflow {run_name}: its MLflow run (experiment {experiment})")
     return uri, run_id, url
+
+
+@contextmanager
+def ended_if_failed(request: TrainRequest) -> Iterator[None]:
+    """The run's MLflow run ends FAILED when what follows raises (KILLED when training was stopped on
+    request), instead of staying RUNNING in MLflow for ever."""
+    try:
+        yield
+    except BaseException as error:
+        tracking = request.tracking
+        if tracking is not None and tracking.mlflow_run_id and tracking.mlflow_tracking_uri:
+            status = "KILLED" if isinstance(error, TrainingStopped) else "FAILED"
+            safely("ending the MLflow run", get_run_logger().warning,
+                   lambda: end_mlflow_run(tracking.mlflow_tracking_uri, tracking.mlflow_run_id, status))
+        raise
 
 
 def start_tracking(plan: RunPlan, request: TrainRequest) -> TrainRequest:

@@ -243,3 +243,24 @@ def test_importing_the_flows_loads_neither_mlflow_nor_matplotlib_nor_tensorboard
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
     assert json.loads(out.stdout.strip().replace("'", '"')) == []
+
+
+def test_an_mlflow_run_whose_training_broke_is_ended_failed_or_killed_not_left_running(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from prefect.logging import disable_run_logger
+
+    from loraflow.errors import TrainingStopped
+    from loraflow.tracking import start_mlflow_run
+    from tasks.tracking import ended_if_failed
+    from tests.test_train import request_for
+
+    uri = mlflow_uri(None, str(tmp_path))
+    statuses = {}
+    for error in (RuntimeError("the training broke"), TrainingStopped("training stopped on request at step 3")):
+        run_id, _ = start_mlflow_run(uri, tmp_path, "failures", type(error).__name__, tags={})
+        request = request_for(tmp_path, "/models/x", "causal-lm", []).model_copy(update={"tracking": TrackingRequest(
+            run_name="x", report_to=["mlflow"], mlflow_tracking_uri=uri, mlflow_run_id=run_id)})
+        with disable_run_logger(), pytest.raises(type(error)), ended_if_failed(request):
+            raise error
+        statuses[type(error).__name__] = MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+    assert statuses == {"RuntimeError": "FAILED", "TrainingStopped": "KILLED"}
