@@ -83,6 +83,28 @@ def test_two_gloo_processes_train_the_same_steps_as_one_process_with_the_whole_b
         assert when.endswith("+00:00")
 
 
+def test_a_classifier_on_two_processes_logs_and_learns_at_the_scale_of_one(tmp_path, two_cpu_slots):
+    """transformers scales each rank's loss by the number of processes for token-averaged losses; a
+    classifier's loss is a batch mean, so without `average_tokens_across_devices=False` its DDP loss
+    (and gradients) came out twice as large. Dropout differs per rank, hence the loose bound."""
+    from transformers import AutoTokenizer
+
+    from loraflow.models import bundled_minilm_dir
+    from tests.tiny_models import classification_rows, easy_classification_examples, write_shard
+
+    model_path = str(bundled_minilm_dir())
+    rows = classification_rows(AutoTokenizer.from_pretrained(model_path), easy_classification_examples(32))
+    train = write_shard(tmp_path / "train.parquet", rows)
+    first_losses = []
+    for devices, batch in ((1, 8), (2, 4)):
+        request = request_for(tmp_path / f"d{devices}", model_path, "sequence-classification", [train], num_epochs=1,
+                              batch_size=batch)
+        with lease_devices(devices, f"classifier on {devices}") as lease:
+            run_training(request, lease, log=quiet)
+        first_losses.append(step_losses(request.logs_dir)[1])
+    assert 0.8 < first_losses[1] / first_losses[0] < 1.25, first_losses
+
+
 def test_single_and_multi_node_launch_commands(tmp_path):
     single = torchrun_command("/runs/x/.training/job.json", 2, LaunchOptions(), launcher_pid=123, python="python")
     torchrun = single[single.index("torch.distributed.run") + 1:]

@@ -240,6 +240,10 @@ def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool
         use_cpu=plan.device == "cpu",
         ddp_backend="gloo" if plan.device == "cpu" and request.processes > 1 else None,
         ddp_find_unused_parameters=False,  # LoRA trains a fixed set of parameters: skip DDP's graph walk
+        # The Trainer scales each rank's loss by the number of processes so that a loss averaged over
+        # all ranks' tokens comes out right; a classifier averages over its own batch, so that scaling
+        # would multiply its gradients (and its logged loss) by the number of processes.
+        average_tokens_across_devices=request.task != CLASSIFICATION,
         seed=request.seed,
         data_seed=request.seed,
         report_to=report_to(request.tracking),
