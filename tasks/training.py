@@ -40,6 +40,7 @@ from loraflow.layout import atomic_write_json, lock_run_folder
 from loraflow.plan import ResolvedConfig
 from loraflow.train.launch import LaunchOptions, run_training
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
+from loraflow.train.worker import process_alive
 from tasks.interrupts import interrupted, record_stopped_training, training_in_progress
 from tasks.policies import fingerprint_key, transient_retries
 
@@ -65,16 +66,6 @@ def _holders_dir() -> Path:
     return Path(PREFECT_HOME.value()) / "loraflow-slot-holders"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def reclaim_dead_holders(limit: str) -> None:
     """Give back the slots of `limit` still held by processes on this host that were killed.
 
@@ -87,7 +78,7 @@ def reclaim_dead_holders(limit: str) -> None:
             holder = json.loads(note.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if holder.get("limit") != limit or holder.get("host") != host or _alive(int(holder["pid"])):
+        if holder.get("limit") != limit or holder.get("host") != host or process_alive(int(holder["pid"])):
             continue
         claimed = note.with_suffix(f".reclaiming-{os.getpid()}")
         try:

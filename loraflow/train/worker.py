@@ -51,7 +51,8 @@ def emit(kind: str, value) -> None:
     print(EVENT_PREFIX + json.dumps({"kind": kind, "value": value}), flush=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (someone else's counts: it refuses the signal)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -72,7 +73,7 @@ class StopRequests:
         self.signalled = True
 
     def __call__(self) -> bool:
-        return self.signalled or self.stop_file.exists() or not _alive(self.launcher_pid)
+        return self.signalled or self.stop_file.exists() or not process_alive(self.launcher_pid)
 
 
 def _die_with_parent() -> None:
