@@ -94,18 +94,25 @@ def _load_and_inspect(socket, url: str, timeout: float) -> dict:
             elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
                 errors.append(f"log: {params['entry']['text']} {params['entry'].get('url', '')}")
 
+    def evaluate(expression: str, wait: float):
+        asked = send("Runtime.evaluate", expression=expression, returnByValue=True)
+        pump(lambda: asked in answers, time.monotonic() + wait)
+        return answers.get(asked, {}).get("result", {}).get("result", {}).get("value")
+
     deadline = time.monotonic() + timeout
     for method in ("Page.enable", "Runtime.enable", "Log.enable"):
         send(method)
     send("Page.navigate", url=url)
-    pump(lambda: loaded[0], deadline)
-    if not loaded[0]:  # a busy machine can drop the event; the document itself says whether it loaded
-        state = send("Runtime.evaluate", expression="document.readyState", returnByValue=True)
-        pump(lambda: state in answers, time.monotonic() + 10)
-        if answers.get(state, {}).get("result", {}).get("result", {}).get("value") != "complete":
+    # A busy machine can drop the load event, so the document itself is asked too, every second.
+    is_loaded = f"document.readyState === 'complete' && location.href === {json.dumps(url)}"
+    while not loaded[0]:
+        if time.monotonic() > deadline:
             raise TimeoutError(f"chromium did not finish loading {url}")
+        pump(lambda: loaded[0], time.monotonic() + 1.0)
+        loaded[0] = loaded[0] or evaluate(is_loaded, wait=10) is True
     pump(lambda: False, time.monotonic() + 1.0)  # late errors (a decode failure, a slow image)
-    asked = send("Runtime.evaluate", expression=PAGE_FACTS, returnByValue=True)
-    pump(lambda: asked in answers, deadline)
-    facts = json.loads(answers[asked]["result"]["result"]["value"])
+    page_facts = evaluate(PAGE_FACTS, wait=30)
+    if page_facts is None:
+        raise TimeoutError(f"chromium did not answer about {url}")
+    facts = json.loads(page_facts)
     return {"facts": facts, "errors": errors}
