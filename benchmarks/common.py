@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import psutil
@@ -307,35 +306,25 @@ class Stopwatch:
             self.timings[stage] = time.perf_counter() - started
 
 
-def prepare_pipeline(params: dict[str, Any], timed: Stopwatch | None = None) -> SimpleNamespace:
-    """What the `single` flow does before training, with the core functions and no Prefect:
-    plan, prepare, resolve the config, tokenise every shard; and the training request."""
+def plain_run(params: dict[str, Any], registry_alias: str | None = None):
+    """A checked `single` run to walk the stage lists without Prefect (`loraflow.pipeline.run_plain`)."""
     from loraflow.config import SingleParams
-    from loraflow.data.prepare import prepare_dataset
-    from loraflow.data.tokenize import plan_shards, shard_paths_by_split, tokenize_shard
-    from loraflow.plan import plan_run, resolve_config, write_resolved_config
-    from loraflow.train.request import TrainRequest
+    from loraflow.pipeline import PipelineRun
+    from loraflow.plan import plan_run
 
-    timed = timed or Stopwatch()
-    checked = SingleParams.model_validate(params)
-    plan = plan_run(checked)
-    layout = plan.layout
-    with timed("prepare"):
-        prepared = prepare_dataset(checked.dataset, checked.task, layout.data)
-    config = resolve_config(plan, prepared)
-    write_resolved_config(config, layout.config)
-    with timed("tokenize"):
-        shards = shard_paths_by_split([
-            tokenize_shard(shard, plan.model_path, checked.task, config.settings.max_length, layout.data / "tokens")
-            for shard in plan_shards(prepared, checked.shard_size)
-        ])
-    request = TrainRequest(
-        model_path=plan.model_path, task=checked.task, settings=config.settings, labels=config.labels,
-        train_shards=shards["train"], eval_shards=shards.get("validation", []),
-        checkpoint_dir=str(layout.checkpoints), adapter_dir=str(layout.model), logs_dir=str(layout.logs),
-        seed=checked.seed,
-    )
-    return SimpleNamespace(params=checked, layout=layout, prepared=prepared, config=config, shards=shards, request=request)
+    return PipelineRun(plan_run(SingleParams.model_validate(params)), registry_alias=registry_alias)
+
+
+def prepare_pipeline(params: dict[str, Any], timed: Stopwatch | None = None):
+    """What the `single` flow does before training, with the core functions and no Prefect: the
+    data stages through tokenisation (the same list the flow runs); the run holds the config and
+    the training request."""
+    from loraflow.pipeline import DATA_STAGES, run_plain, stages_through
+    from loraflow.plan import write_resolved_config
+
+    run = run_plain(stages_through(DATA_STAGES, "tokenize"), plain_run(params), timed or Stopwatch())
+    write_resolved_config(run.config, run.plan.layout.config)
+    return run
 
 
 def _version(package: str) -> str:

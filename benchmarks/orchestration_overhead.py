@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/orchestration_overhead.py            # 3 rounds of the MiniLM demo
     .venv/bin/python benchmarks/orchestration_overhead.py --smoke    # a few rows and steps
 
-The plain script calls the same core functions in the same order with the same parameters
-(plan, prepare, tokenise, train, evaluate, baseline, samples, register) and no Prefect. The
+The plain script walks the same stage lists (`loraflow.pipeline`: prepare, tokenise, baseline,
+train, evaluate, samples, register) with the same parameters, calling each stage's core function,
+and no Prefect. The
 flow runs as a user runs it, `python flows/single.py params.json`: against a running Prefect
 server, and with Prefect's temporary local server. Every run writes to a fresh output folder,
 so nothing is served from cache. What Prefect costs is the difference in wall time; the
@@ -23,39 +24,20 @@ if __package__ in (None, ""):  # run as `python benchmarks/<file>.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common as bench
+from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES
 
-STAGES = ("prepare", "tokenize", "train", "evaluate", "baseline", "samples", "register")
+STAGE_NAMES = [stage.name for stage in (*DATA_STAGES, *TRAINING_STAGES)]
+
 TARGET = "flow with a running server at most 1.10x the plain script, for a training job of about a minute"
 
 
 def plain_pipeline(args: dict[str, Any]) -> dict[str, Any]:
-    """The `single` flow's work without Prefect: the same core calls, in the same order."""
-    from loraflow.evaluate import evaluate_model
-    from loraflow.registry import Registry
-    from loraflow.samples import run_sample_prompts
-    from loraflow.train.trainer import train_adapter
+    """The `single` flow's work without Prefect: the same stage lists, each stage's core function called in turn."""
+    from loraflow.pipeline import run_plain
+    from loraflow.registry import PROMOTED_ALIAS
 
     timed = bench.Stopwatch()
-    run = bench.prepare_pipeline(args["params"], timed)
-    config, settings, shards, layout = run.config, run.config.settings, run.shards, run.layout
-    with timed("train"):
-        trained = train_adapter(run.request, log=lambda line: None)
-    evaluation = {"eval_batch_size": settings.eval_batch_size, "seed": config.seed}
-    with timed("evaluate"):
-        metrics = evaluate_model(config.model, config.task, config.labels, shards["test"], trained.adapter_dir, **evaluation)
-    with timed("baseline"):
-        evaluate_model(config.model, config.task, config.labels, shards["test"], None, **evaluation)
-    with timed("samples"):
-        run_sample_prompts(
-            config.model, config.task, config.labels, trained.adapter_dir, run.prepared.sample_prompts_path,
-            str(layout.samples / "predictions.jsonl"), max_length=settings.max_length,
-            max_new_tokens=settings.max_new_tokens,
-        )
-    with timed("register"):
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        Registry(run.params.registry_root).register(
-            config.name, trained.adapter_dir, config.fingerprint, {"config": config.model_dump()}, scalars, True
-        )
+    run_plain([*DATA_STAGES, *TRAINING_STAGES], bench.plain_run(args["params"], PROMOTED_ALIAS), timed)
     return {"timings": timed.timings}
 
 
@@ -101,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> bench.Report:
         "Where the time goes (median seconds per stage; outside = imports, server, flow and task bookkeeping):",
         ["stage", *runs],
         [[stage, *(f"{bench.median([r.result['timings'].get(stage, 0.0) for r in rs]):.2f}" for rs in runs.values())]
-         for stage in STAGES]
+         for stage in STAGE_NAMES]
         + [["outside stages", *(f"{bench.median([_outside_stages(r) for r in rs]):.2f}" for rs in runs.values())]],
     )
     _note_orchestration_cost(report, runs)

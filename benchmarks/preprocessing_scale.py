@@ -90,10 +90,10 @@ def dask(args: dict[str, Any]) -> dict[str, Any]:
 
     import tasks.data
     from loraflow.config import SingleParams
+    from loraflow.pipeline import DATA_STAGES, PipelineRun, stages_through
     from loraflow.plan import plan_run
-    from tasks.data import prepare_dataset_task
-    from tasks.pipeline import result_storage, tokenize_stage
-    from tasks.stages import StageRecorder
+    from tasks.stage_tasks import run_stages
+    from tasks.stages import StageRecorder, result_storage
 
     if args["processes"]:
         tasks.data.PROCESS_CLUSTER_MIN_BYTES = 0
@@ -104,8 +104,7 @@ def dask(args: dict[str, Any]) -> dict[str, Any]:
     @flow(name="benchmark-preprocess")
     def preprocess() -> dict[str, float]:
         stages = StageRecorder(result_storage(params))
-        prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, plan.layout.data)
-        tokenize_stage(stages, plan, prepared, plan.settings.max_length)
+        run_stages(stages_through(DATA_STAGES, "tokenize"), PipelineRun(plan), stages)
         return stages.timings
 
     started = time.perf_counter()

@@ -4,11 +4,12 @@
     python flows/single.py params.yaml          # your parameters (YAML or JSON, see README)
     python flows/single.py params.yaml --plan   # print what would run and what is cached; train nothing
 
-The flow reads as the pipeline: check the parameters, prepare the data once
-(`prepare_data`), then train, evaluate, gate and register (`train_evaluate`, its own
-subflow run). `batch` runs this flow per dataset; `variations` runs `prepare_data` once and
-`train_evaluate` per grid point. Every step is a Prefect task around a loraflow core
-function, with its own retry and cache policy (see `tasks/`).
+The flow reads as the pipeline: check the parameters, run the data stages once
+(`prepare_data`), then the training stages: train, evaluate, gate and register
+(`train_evaluate`, its own subflow run). The stages themselves, their inputs and cache keys,
+are listed once in `loraflow/pipeline.py`; each runs as a Prefect task around its core
+function, with its own retry and cache policy (`tasks/stage_tasks.py`). `batch` runs this
+flow per dataset; `variations` runs `prepare_data` once and `train_evaluate` per grid point.
 """
 
 from __future__ import annotations
@@ -21,23 +22,14 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from loraflow.config import SingleParams
-from loraflow.gates import check_gates
-from loraflow.plan import (
-    PreparedData,
-    RunPlan,
-    plan_run,
-    resolve_config,
-    write_resolved_config,
-)
+from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES, PipelineRun
+from loraflow.plan import PreparedData, RunPlan, plan_run, write_resolved_config
+from loraflow.registry import PROMOTED_ALIAS
 from loraflow.report import RunResult, failure_message, write_result
-from tasks.data import prepare_dataset_task
-from tasks.dispatch import train_stage
-from tasks.evaluation import evaluate_task, samples_task
-from tasks.pipeline import result_storage, tokenize_stage, train_request
 from tasks.plans import plan_single
-from tasks.registry import PROMOTED_ALIAS, register_task
 from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_summary
-from tasks.stages import StageRecorder
+from tasks.stage_tasks import run_stages
+from tasks.stages import StageRecorder, result_storage
 from tasks.tracking import ended_if_failed, report_run, start_tracking
 from tasks.training import hold_run_folder
 
@@ -64,65 +56,51 @@ def single(params: SingleParams) -> State:
 
 
 def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PreparedData:
-    """Prepare and tokenise the dataset, and evaluate the bare base model on it: the work every
-    training run on this data shares. Tokenised at the plan's `max_length` and any others given
-    (a grid that varies it); the baseline uses the plan's. Holds the run folder meanwhile: a second
-    run of it waits, then finds this one's work in the cache."""
-    params, layout = plan.params, plan.layout
-    stages = StageRecorder(result_storage(params))
-    with hold_run_folder(layout.root, plan.name):
-        prepared = stages.run("prepare", prepare_dataset_task, params.dataset, params.task, layout.data)
-        config = resolve_config(plan, prepared)
-        shards = {length: tokenize_stage(stages, plan, prepared, length)
-                  for length in sorted({config.settings.max_length, *max_lengths})}
-        test_shards = shards[config.settings.max_length]["test"]
-        baseline_path = layout.eval / "baseline.json"
-        baseline = stages.run("baseline", evaluate_task, config, test_shards, None, baseline_path)
-    return PreparedData(prepared=prepared, shards=shards, baseline=baseline, baseline_path=str(baseline_path),
+    """The data stages (`DATA_STAGES`: prepare, tokenise, the bare base model's baseline): the work
+    every training run on this data shares. Tokenised at the plan's `max_length` and any others
+    given (a grid that varies it). Holds the run folder meanwhile: a second run of it waits, then
+    finds this one's work in the cache."""
+    stages = StageRecorder(result_storage(plan.params))
+    run = PipelineRun(plan, max_lengths=max_lengths)
+    with hold_run_folder(plan.layout.root, plan.name):
+        run_stages(DATA_STAGES, run, stages)
+    shared = {"prepared", "shards", "baseline"}
+    return PreparedData(prepared=run["prepared"], shards=run["shards"], baseline=run["baseline"],
+                        baseline_path=str(plan.layout.eval / "baseline.json"),
+                        extra={name: value for name, value in run.outputs.items() if name not in shared},
                         timings=stages.timings, cached=stages.cached)
 
 
 @flow(name="train-evaluate", description="Train, evaluate, gate and register one LoRA adapter on prepared data.")
 def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None = PROMOTED_ALIAS) -> RunResult:
-    """One adapter from prepared data. `registry_alias=None` skips registration (a variations
-    grid registers only its best variant, afterwards). Holds the run folder while it writes into it,
-    and ends Cancelled (not Failed) when training stops on request."""
+    """The training stages (`TRAINING_STAGES`: train, evaluate, samples, register) on prepared data.
+    `registry_alias=None` skips registration (a variations grid registers only its best variant,
+    afterwards). Holds the run folder while it writes into it, and ends Cancelled (not Failed) when
+    training stops on request."""
     params, layout = plan.params, plan.create_layout()
     with cancelled_when_stopped() as stop, hold_run_folder(layout.root, plan.name):
         stages = StageRecorder(result_storage(params))
-        config = resolve_config(plan, data.prepared)
-        write_resolved_config(config, layout.config)
-        shards = data.shards[config.settings.max_length]
+        run = PipelineRun(plan, registry_alias=registry_alias, outputs=data.outputs())
+        write_resolved_config(run.config, layout.config)
+        run.request = start_tracking(plan, run.request)
+        with ended_if_failed(run.request):  # an MLflow run of a training that broke is not left running
+            run_stages(TRAINING_STAGES, run, stages)
 
-        request = start_tracking(plan, train_request(plan, config, shards))
-        with ended_if_failed(request):  # an MLflow run of a training that broke is not left running
-            trained = train_stage(stages, config, request, params)
-            metrics = stages.run("evaluate", evaluate_task, config, shards["test"], trained.adapter_dir,
-                                 layout.eval / "metrics.json")
-            samples = stages.run("samples", samples_task, config, trained.adapter_dir,
-                                 data.prepared.sample_prompts_path, layout.samples / "predictions.jsonl")
-
-        gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gates)}
-        passed = all(gate.passed for gate in gates.values())
-        version = stages.run(
-            "register", register_task, params.registry_root, config, trained.adapter_dir, metrics, passed,
-            registry_alias, params.gates,
-        ) if registry_alias else None
-
+        trained, version = run["trained"], run.outputs.get("version")
         timings, cached = {**data.timings, **stages.timings}, {**data.cached, **stages.cached}
         result = RunResult(
-            name=plan.name, status="passed" if passed else "failed_gates", task=params.task, model=params.model,
-            model_path=plan.model_path,
-            passed=passed, metrics=metrics, baseline=data.baseline, gates=gates, adapter_path=trained.adapter_dir,
+            name=plan.name, status="passed" if run.passed else "failed_gates", task=params.task, model=params.model,
+            model_path=plan.model_path, passed=run.passed, metrics=run["metrics"], baseline=data.baseline,
+            gates=run.gates, adapter_path=trained.adapter_dir,
             registry_version=version.version if version else None, registry_path=version.path if version else None,
             timings=timings, cached=cached, cached_stages=[s for s, hit in cached.items() if hit],
             counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
             paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),
-                   "samples": samples, "baseline": data.baseline_path, "rejects": data.prepared.rejects_path,
+                   "samples": run["samples"], "baseline": data.baseline_path, "rejects": data.prepared.rejects_path,
                    "manifest": data.prepared.manifest_path},
         )
         write_result(result, layout.result)
-        result = report_run(request, result)  # pictures, report.html, trackers
+        result = report_run(run.request, result)  # pictures, report.html, trackers
         publish_summary(result)
     return stop.state or result
 

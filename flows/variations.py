@@ -22,22 +22,21 @@ from prefect.states import State
 from flows.single import prepare_data, train_evaluate
 from loraflow.config import VariationsParams
 from loraflow.grid import rank_metric
-from loraflow.plan import PreparedData, RunPlan, resolve_config
-from loraflow.registry import RegistryVersion
+from loraflow.pipeline import PipelineRun
+from loraflow.plan import PreparedData, RunPlan
+from loraflow.registry import BEST_ALIAS, RegistryVersion
 from loraflow.report import RunOutcome
 from loraflow.variations import (
-    BEST_ALIAS,
     VariationsResult,
     best_variant,
     leaderboard,
     variant_plans,
 )
 from tasks.dispatch import should_dispatch
-from tasks.pipeline import result_storage
 from tasks.plans import plan_variations
 from tasks.registry import register_task
 from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_leaderboard
-from tasks.stages import StageRecorder
+from tasks.stages import StageRecorder, result_storage
 from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
 from tasks.tracking import report_grid, start_grid_tracking
 
@@ -94,7 +93,7 @@ def variations(params: VariationsParams) -> State:
 
 def register_best(plan: RunPlan, data: PreparedData, best: RunOutcome) -> RegistryVersion:
     """Register the winning adapter under the dataset's name and point `best` at it."""
-    config = resolve_config(plan, data.prepared).model_copy(update={"name": data.prepared.name})
+    config = PipelineRun(plan, outputs=data.outputs()).config.model_copy(update={"name": data.prepared.name})
     stages = StageRecorder(result_storage(plan.params))
     return stages.run("register", register_task, plan.params.registry_root, config, best.adapter_path, best.metrics,
                       True, BEST_ALIAS, plan.params.gates)

@@ -139,14 +139,20 @@ def write_resolved_config(config: ResolvedConfig, config_dir: str | Path) -> Pat
 
 class PreparedData(BaseModel):
     """What every training run on one dataset shares: the prepared splits, their tokenised shards
-    (per `max_length`), the bare base model's metrics, and what producing them took."""
+    (per `max_length`), the bare base model's metrics, any further data stage's output (`extra`),
+    and what producing them took."""
 
     prepared: PreparedDataset
     shards: dict[int, dict[str, list[str]]]
     baseline: dict[str, Any]
     baseline_path: str
+    extra: dict[str, Any] = {}
     timings: dict[str, float]
     cached: dict[str, bool]
+
+    def outputs(self) -> dict[str, Any]:
+        """The data stages' outputs by name, to start a training run with."""
+        return {"prepared": self.prepared, "shards": self.shards, "baseline": self.baseline, **self.extra}
 
 
 # Execution plans: what a run would do, printed and returned by `plan_only` / `--plan`.

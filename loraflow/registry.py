@@ -33,6 +33,10 @@ from loraflow.fingerprint import hash_tree
 from loraflow.layout import atomic_write_json, honour_umask
 from loraflow.settings import check_safe_name
 
+# The aliases loraflow moves: a single or batch run's passing adapter, and a variations grid's winner.
+PROMOTED_ALIAS = "production"
+BEST_ALIAS = "best"
+
 
 class Verdict(BaseModel):
     """One evaluation of a version against the gates in force then. A re-run of the same adapter

@@ -19,10 +19,9 @@ from loraflow.layout import cache_dir
 from loraflow.metrics import HIGHER_IS_BETTER
 from loraflow.models import check_target_modules
 from loraflow.plan import RunPlan, plan_run
+from loraflow.registry import BEST_ALIAS
 from loraflow.report import RunOutcome, outcome_line
 from loraflow.settings import resolve_training_settings
-
-BEST_ALIAS = "best"
 
 
 def variant_root(root: str | Path, name: str) -> Path:

@@ -10,25 +10,14 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import TaskRunner
 
 from loraflow.config import DatasetSpec
-from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
-from loraflow.data.tokenize import (
-    Shard,
-    collect_rejects,
-    plan_shards,
-    shard_paths_by_split,
-    tokenize_shard,
-)
-from loraflow.models import model_identity
+from loraflow.data.prepare import PreparedDataset, prepare_dataset
+from loraflow.data.tokenize import Shard, plan_shards, shard_paths_by_split, tokenize_shard
+from loraflow.pipeline import prepare_key, report_rejects, tokenize_shard_key
 from tasks import events
-from tasks.policies import fingerprint_key, transient_retries
+from tasks.policies import transient_retries
 
 
-def _prepare_key(context, parameters) -> str:
-    spec, task_name = parameters["spec"], parameters["task"]
-    return fingerprint_key("prepare", source_fingerprint(spec, task_name), str(parameters["data_dir"]))
-
-
-@task(name="prepare-dataset", cache_key_fn=_prepare_key, **transient_retries())
+@task(name="prepare-dataset", cache_key_fn=lambda context, parameters: prepare_key(parameters), **transient_retries())
 def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path) -> PreparedDataset:
     """Read, validate, normalise, dedupe and split the dataset.
 
@@ -46,19 +35,8 @@ def prepare_dataset_task(spec: DatasetSpec, task: str, data_dir: Path) -> Prepar
     return prepared
 
 
-def _tokenize_key(context, parameters) -> str:
-    shard: Shard = parameters["shard"]
-    return fingerprint_key(
-        "tokenize",
-        shard.model_dump(exclude={"source"}),
-        model_identity(parameters["tokenizer_path"]),
-        parameters["task"],
-        parameters["max_length"],
-        str(parameters["out_dir"]),
-    )
-
-
-@task(name="tokenize-shard", cache_key_fn=_tokenize_key, **transient_retries())
+@task(name="tokenize-shard", cache_key_fn=lambda context, parameters: tokenize_shard_key(parameters),
+      **transient_retries())
 def tokenize_shard_task(shard: Shard, tokenizer_path: str, task: str, max_length: int, out_dir: Path) -> str:
     """Tokenise one shard to parquet. One task per shard (thousands of rows), never per row:
     a Prefect task costs ~0.1 s on Dask, so shards must carry seconds of work each."""
@@ -119,7 +97,5 @@ def tokenize_dataset(
     futures.wait()
     states = [future.state for future in futures]
     paths = [state.result() for state in states]
-    rejects_path, rejected = collect_rejects(prepared, paths, max_length)
-    if rejects_path:
-        get_run_logger().warning(f"{rejected} rows left out: their prompt fills max_length={max_length}; see {rejects_path}")
+    report_rejects(prepared, paths, max_length, log=get_run_logger().warning)
     return shard_paths_by_split(paths), all(state.name == "Cached" for state in states)

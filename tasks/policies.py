@@ -1,12 +1,13 @@
-"""Retry and cache policies shared by loraflow's Prefect tasks.
+"""Retry policy shared by loraflow's Prefect tasks.
 
 Retries: only failures that can go away on their own are retried (I/O trouble, a
 CUDA out-of-memory while another job holds the GPU). A `LoraflowError` means the input
 or configuration is wrong; retrying it would only delay the error the user must see.
 
-Caching: keys are built from content fingerprints (dataset, resolved config, base model,
-code version) plus where the outputs go, never from Prefect run ids, so an identical
-re-run is served from cache and any real change recomputes.
+Caching: each stage's key is said with the stage in `loraflow.pipeline`, from content
+fingerprints (dataset, resolved config, base model, code version) plus where the outputs go,
+never from Prefect run ids, so an identical re-run is served from cache and any real change
+recomputes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 from prefect.tasks import exponential_backoff
 
 from loraflow.errors import LoraflowError, TrainingOutOfMemory
-from loraflow.fingerprint import code_version, hash_json, hash_tree
 
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)
 RETRY_JITTER = 0.2
@@ -57,13 +57,3 @@ def transient_retries(retries: int = 2) -> dict[str, Any]:
         "retry_jitter_factor": RETRY_JITTER,
         "retry_condition_fn": retry_transient_only,
     }
-
-
-def fingerprint_key(stage: str, *parts: Any) -> str:
-    """A cache key: the stage, the code version and the content fingerprints of its inputs."""
-    return f"loraflow-{stage}-{hash_json([stage, code_version(), *parts])[:32]}"
-
-
-def adapter_fingerprint(adapter_dir: str | None) -> str | None:
-    """An adapter's identity is its bytes: a retrained adapter never reuses old results."""
-    return hash_tree(adapter_dir) if adapter_dir else None

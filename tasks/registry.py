@@ -1,59 +1,25 @@
-"""The registration task: add the adapter to the registry, promote it when its gates pass."""
+"""The registration task: add the adapter to the registry, promote it when its gates pass (`loraflow.pipeline`)."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
+from loraflow.pipeline import register, register_key
 from loraflow.plan import ResolvedConfig
-from loraflow.registry import Registry, RegistryVersion
+from loraflow.registry import PROMOTED_ALIAS, RegistryVersion
 from tasks import events
-from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
-
-PROMOTED_ALIAS = "production"
+from tasks.policies import transient_retries
 
 
-def _register_key(context, parameters) -> str:
-    config = parameters["config"]
-    return fingerprint_key(
-        "register",
-        config.fingerprint,
-        Registry(parameters["registry_root"]).damage(config.name, config.fingerprint),
-        adapter_fingerprint(parameters["adapter_dir"]),
-        parameters["registry_root"],
-        parameters["passed"],
-        parameters["alias"],
-        parameters["gates"],
-    )
-
-
-@task(name="register-adapter", cache_key_fn=_register_key, **transient_retries())
+@task(name="register-adapter", cache_key_fn=lambda context, parameters: register_key(parameters), **transient_retries())
 def register_task(
     registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool,
     alias: str = PROMOTED_ALIAS, gates: dict[str, float] | None = None,
 ) -> RegistryVersion:
-    """Register a version keyed by the config fingerprint (idempotent: identical inputs never
-    add a version), record the verdict of these `gates` on it, and point `alias` (`production`;
-    `best` for a variations winner) at it only when every gate passed. Keyed on the gates too:
-    the same adapter under other gates is a new verdict, not a cache hit."""
-    registry = Registry(registry_root)
-    card = {
-        "task": config.task,
-        "base_model": config.model,
-        "model_identity": config.model_identity,
-        "dataset_fingerprint": config.dataset_fingerprint,
-        "code_version": config.code_version,
-        "config": config.model_dump(),
-    }
-    scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    version, outcome = registry.register(config.name, adapter_dir, config.fingerprint, card, scalars, passed,
-                                         gates=gates, alias=alias, flow_run_id=flow_run.get_id())
-    logger = get_run_logger()
-    said = {"created": "registered", "found": "already registered as",
-            "restored": "restored the missing or incomplete folder of"}[outcome]
-    logger.info(f"{said} {config.name} v{version.version} ({version.path}); verdict {version.verdict}: "
-                f"{'passed' if passed else 'failed'}")
-    if passed:
-        logger.info(f"{config.name}: alias {alias!r} -> v{version.version}")
+    """Register the adapter and record this verdict; `alias` follows a passing one. Keyed on the
+    gates too: the same adapter under other gates is a new verdict, not a cache hit."""
+    version = register(registry_root, config, adapter_dir, metrics, passed, alias, gates,
+                       flow_run_id=flow_run.get_id(), log=get_run_logger().info)
     events.model_registered(version)
     return version

@@ -18,7 +18,9 @@ from typing import Any
 from prefect import Task, get_run_logger
 from pydantic import BaseModel
 
+from loraflow.config import RunSettings
 from loraflow.errors import TrainingStopped
+from loraflow.layout import cache_dir
 from tasks.interrupts import interrupted
 
 # Result fields that hold messages for people, which start with a data file's path but name no output.
@@ -49,13 +51,18 @@ def missing_outputs(result: Any) -> list[str]:
     return [text for text in _strings(result) if text.startswith("/") and not _present(Path(text))]
 
 
+def result_storage(params: RunSettings) -> Path:
+    """Prefect result storage, where the cache lives: shared by every run under one output root."""
+    return cache_dir(params.output_dir)
+
+
 class StageRecorder:
     def __init__(self, result_storage: Path):
         self.result_storage = result_storage
         self.timings: dict[str, float] = {}
         self.cached: dict[str, bool] = {}
 
-    def run(self, stage: str, task: Task, *args: Any, **kwargs: Any) -> Any:
+    def run(self, stage: str, task: Task, /, *args: Any, **kwargs: Any) -> Any:
         if reason := interrupted():  # Ctrl-C or SIGTERM: start nothing new
             raise TrainingStopped(f"{reason}: stopped before {stage}")
         started = time.monotonic()

@@ -34,15 +34,16 @@ from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 from prefect.states import Cancelled, Cancelling, State
 
-from loraflow.devices import host_devices, lease_devices
+from loraflow.devices import host_devices
 from loraflow.errors import ConfigError, TrainingStopped
 from loraflow.layout import atomic_write_json, lock_run_folder
+from loraflow.pipeline import train, train_key
 from loraflow.plan import ResolvedConfig
-from loraflow.train.launch import LaunchOptions, run_training
+from loraflow.train.launch import LaunchOptions
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
 from loraflow.train.worker import process_alive
 from tasks.interrupts import interrupted, record_stopped_training, training_in_progress
-from tasks.policies import fingerprint_key, transient_retries
+from tasks.policies import transient_retries
 
 SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
 SLOT_POLL_SECONDS = 2  # how long one attempt at the slots waits before the run checks for a cancel
@@ -252,13 +253,7 @@ class TrainingProgress:
             pass
 
 
-def _train_key(context, parameters) -> str:
-    config: ResolvedConfig = parameters["config"]
-    request: TrainRequest = parameters["request"]
-    return fingerprint_key("train", config.fingerprint, request.train_shards, request.eval_shards, request.adapter_dir)
-
-
-@task(name="train-lora", cache_key_fn=_train_key, **transient_retries())
+@task(name="train-lora", cache_key_fn=lambda context, parameters: train_key(parameters), **transient_retries())
 def train_adapter_task(
     config: ResolvedConfig, request: TrainRequest, concurrency_limit: str, launch: LaunchOptions | None = None
 ) -> TrainResult:
@@ -272,18 +267,13 @@ def train_adapter_task(
     """
     launch = (launch or LaunchOptions()).with_rendezvous(run_id=flow_run.get_root_flow_run_id() or flow_run.get_id())
     logger = get_run_logger()
-    devices = config.processes // launch.nnodes
     watch = CancellationWatch()
-    with training_slots(concurrency_limit, devices, run=flow_run.get_name() or config.name, log=logger.info,
-                        should_stop=watch), \
-            lease_devices(devices, f"training {config.name!r}", log=logger.info, should_stop=watch) as lease:
-        nodes = f" on each of {launch.nnodes} nodes" if launch.nnodes > 1 else ""
-        logger.info(f"training on {', '.join(lease.labels)}{nodes}: {config.processes} process(es), "
-                    f"{config.total_steps} optimiser steps planned")
+    with training_slots(concurrency_limit, config.processes // launch.nnodes, run=flow_run.get_name() or config.name,
+                        log=logger.info, should_stop=watch):
         try:
             with training_in_progress(request.checkpoint_dir):
-                return run_training(request, lease, launch, on_progress=TrainingProgress(config.name),
-                                    log=logger.info, should_stop=watch)
+                return train(config, request, launch, log=logger.info, on_progress=TrainingProgress(config.name),
+                             should_stop=watch)
         except TrainingStopped as stopped:
             logger.warning(str(stopped))
             record_stopped_training(str(stopped))

@@ -176,19 +176,21 @@ def test_tokenisation_starts_a_dask_cluster_only_for_shards_still_to_tokenise(tm
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from loraflow.data.prepare import prepare_dataset
     from loraflow.data.tokenize import plan_shards, tokenize_shard
+    from loraflow.pipeline import DATA_STAGES, PipelineRun
     from loraflow.plan import plan_run
-    from tasks.pipeline import shard_runner, tokens_dir
+    from tasks.stage_tasks import shard_runner
 
     params = classification_params(tmp_path)
-    plan = plan_run(params)
-    prepared = prepare_dataset(params.dataset, params.task, plan.layout.data)
-    max_length = plan.settings.max_length
-    assert isinstance(shard_runner(plan, prepared, max_length), DaskTaskRunner)
-    shards = plan_shards(prepared, params.shard_size)
+    prepare, tokenize = DATA_STAGES[0], DATA_STAGES[1]
+    run = PipelineRun(plan_run(params))
+    run.outputs["prepared"] = prepare.function(**prepare.arguments(run))
+    arguments = tokenize.arguments(run)
+    max_length = run.config.settings.max_length
+    assert isinstance(shard_runner(arguments, max_length), DaskTaskRunner)
+    shards = plan_shards(run["prepared"], params.shard_size)
     for shard in shards[:-1]:
-        tokenize_shard(shard, plan.model_path, params.task, max_length, tokens_dir(plan))
-    assert isinstance(shard_runner(plan, prepared, max_length), DaskTaskRunner)  # one shard left
-    tokenize_shard(shards[-1], plan.model_path, params.task, max_length, tokens_dir(plan))
-    assert isinstance(shard_runner(plan, prepared, max_length), ThreadPoolTaskRunner)
+        tokenize_shard(shard, run.plan.model_path, params.task, max_length, run.tokens_dir)
+    assert isinstance(shard_runner(arguments, max_length), DaskTaskRunner)  # one shard left
+    tokenize_shard(shards[-1], run.plan.model_path, params.task, max_length, run.tokens_dir)
+    assert isinstance(shard_runner(arguments, max_length), ThreadPoolTaskRunner)
