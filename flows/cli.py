@@ -25,8 +25,7 @@ from loraflow.errors import LoraflowError
 from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, summary_text
 from loraflow.variations import VariationsResult
-from tasks.interrupts import TerminalSession, interrupted, what_was_saved
-from tasks.training import finish_cancellation
+from tasks.interrupts import TerminalSession, finish_cancellation, interrupted, what_was_saved
 
 USAGE = (
     "usage: python flows/{name}.py [PARAMS.yaml|PARAMS.json] [--plan]\n"

@@ -26,12 +26,12 @@ from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES, PipelineRun
 from loraflow.plan import PreparedData, RunPlan, plan_run, write_resolved_config
 from loraflow.registry import PROMOTED_ALIAS
 from loraflow.report import RunResult, failure_message, write_result
+from tasks.interrupts import hold_run_folder
 from tasks.plans import plan_single
 from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_summary
 from tasks.stage_tasks import run_stages
 from tasks.stages import StageRecorder, result_storage
 from tasks.tracking import ended_if_failed, report_run, start_tracking
-from tasks.training import hold_run_folder
 
 
 def demo_params(output_dir: str = "runs") -> SingleParams:

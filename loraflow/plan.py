@@ -28,13 +28,20 @@ from loraflow.tracking import TrackingParent, check_trackers
 
 
 class RunPlan(BaseModel):
+    """One checked run: its parameters, name, base model and folder. Its training settings are
+    resolved from the parameters (preset + overrides), never carried beside them, so a variant's
+    plan is its parameters and nothing else can disagree with them."""
+
     params: SingleParams
     name: str
     model_path: str
     model_identity: str
-    settings: TrainingSettings
     root: str
     tracking_parent: TrackingParent | None = None  # a variations grid's experiment and parent run
+
+    @property
+    def settings(self) -> TrainingSettings:
+        return resolve_training_settings(self.params.preset_name, self.params.overrides, self.params.task)
 
     @property
     def layout(self) -> RunLayout:
@@ -102,7 +109,6 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
         name=name,
         model_path=model_path,
         model_identity=model_identity(model_path),
-        settings=settings,
         root=str(root),
     )
 

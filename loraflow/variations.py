@@ -21,7 +21,6 @@ from loraflow.models import check_target_modules
 from loraflow.plan import RunPlan, plan_run
 from loraflow.registry import BEST_ALIAS
 from loraflow.report import RunOutcome, outcome_line
-from loraflow.settings import resolve_training_settings
 
 
 def variant_root(root: str | Path, name: str) -> Path:
@@ -36,24 +35,20 @@ def variant_root(root: str | Path, name: str) -> Path:
 def variant_plans(params: VariationsParams) -> tuple[RunPlan, list[tuple[Variant, RunPlan]]]:
     """The plan of the shared data (`<output_dir>/<name>`) and one plan per variant, in its own
     folder below it (its checkpoints and adapter are its own; the training cache key includes them).
-    The shared plan takes the first variant's settings: the baseline is evaluated at its `max_length`."""
+    The shared plan has the first variant's parameters: the baseline is evaluated at its `max_length`."""
     root = Path(params.output_dir).resolve() / params.folder_name
     base = plan_run(params, root=root)
     shared = params.model_dump(include=set(SingleParams.model_fields))
     plans = []
     for variant in expand_variations(params):
-        settings = resolve_training_settings(params.preset_name, variant.overrides, params.task)
-        if settings.lora.target_modules != base.settings.lora.target_modules:
-            check_target_modules(settings.lora.target_modules, base.model_path, params.task,
+        variant_params = SingleParams(**{**shared, "overrides": variant.overrides, **variant.run_settings})
+        plan = base.model_copy(update={"params": variant_params, "name": variant.name,
+                                       "root": str(variant_root(root, variant.name))})
+        if plan.settings.lora.target_modules != base.settings.lora.target_modules:
+            check_target_modules(plan.settings.lora.target_modules, base.model_path, params.task,
                                  cache_dir(params.output_dir), remember=not params.plan_only)
-        update = {
-            "params": SingleParams(**{**shared, "overrides": variant.overrides, **variant.run_settings}),
-            "name": variant.name,
-            "settings": settings,
-            "root": str(variant_root(root, variant.name)),
-        }
-        plans.append((variant, base.model_copy(update=update)))
-    return base.model_copy(update={"settings": plans[0][1].settings}), plans
+        plans.append((variant, plan))
+    return base.model_copy(update={"params": plans[0][1].params}), plans
 
 
 def leaderboard(outcomes: list[RunOutcome], metric: str) -> list[RunOutcome]:

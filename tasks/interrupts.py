@@ -1,4 +1,7 @@
-"""Ending a run started from a terminal: Ctrl-C, SIGTERM, and a temporary server that goes away.
+"""Stopping a run: Ctrl-C, SIGTERM, a temporary server that goes away, and a cancel from the UI.
+
+Prefect's own handling of these leaves runs hanging or `Cancelling` for good in a bare
+`python flows/x.py`; the workarounds live here, together.
 
 A terminal's Ctrl-C sends SIGINT to its whole foreground process group. Prefect starts the
 temporary server of a bare `python flows/x.py` (no PREFECT_API_URL) on the first API call, as a
@@ -20,6 +23,10 @@ API calls for minutes. `TerminalSession` therefore:
 A temporary server costs 8-16 s per run on a small machine, a third of a fully cached re-run. So
 when a Prefect server already answers at the default local address (`prefect server start
 --background`), the run uses it instead and says so (LORAFLOW_USE_RUNNING_SERVER=0 turns this off).
+
+A cancel from the UI or the API: training asks the server whether its run (or the run it belongs
+to) is cancelling (`CancellationWatch`), and the process that started a run without a worker moves
+it on from Cancelling to Cancelled (`finish_cancellation`), as a worker would.
 """
 
 from __future__ import annotations
@@ -38,13 +45,17 @@ from typing import Any
 
 import httpx
 import prefect
+from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.context import refresh_global_settings_context
+from prefect.exceptions import ObjectNotFound
+from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
-from prefect.states import Cancelled, State
+from prefect.states import Cancelled, Cancelling, State
 
 from loraflow.errors import TrainingStopped
+from loraflow.layout import lock_run_folder
 from loraflow.model_process import stop_model_processes
 from loraflow.train.checkpoints import find_resumable_checkpoint
 from loraflow.train.launch import LaunchOptions, request_stop_all
@@ -372,3 +383,60 @@ def _stop_resource_tracker(timeout: float = 3) -> None:
             time.sleep(0.05)
     except OSError:
         pass
+
+
+class CancellationWatch:
+    """`should_stop` for the trainer: has someone cancelled this flow run, or the run it belongs to?
+
+    A run started by a worker is also stopped by the worker killing its process; a run started
+    with `python flows/x.py` has no one to do that, so training asks the server itself. Training
+    may run in a subflow (or a dispatched deployment run) while the user cancels the parent.
+    """
+
+    def __init__(self):
+        ids = (flow_run.get_id(), flow_run.get_parent_flow_run_id(), flow_run.get_root_flow_run_id())
+        self.flow_run_ids = list(dict.fromkeys(str(i) for i in ids if i))
+        self.cancelled_run_id: str | None = None
+
+    def __call__(self) -> bool:
+        if interrupted():  # Ctrl-C, SIGTERM, or the temporary server gone (tasks/interrupts.py)
+            return True
+        try:
+            with get_client(sync_client=True) as client:
+                states = {run_id: client.read_flow_run(run_id).state for run_id in self.flow_run_ids}
+        except (httpx.HTTPError, ObjectNotFound):  # an unreachable server must not stop training; ask again later
+            return False
+        for run_id, state in states.items():
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                self.cancelled_run_id = run_id
+                return True
+        return False
+
+
+def note_on_cancelling_run(run_id: str | None, message: str) -> None:
+    """Put why and where training stopped on the cancelled run's state, for the UI and `finish_cancellation`."""
+    if run_id is None:
+        return
+    with get_client(sync_client=True) as client:
+        if client.read_flow_run(run_id).state.is_cancelling():
+            client.set_flow_run_state(run_id, Cancelling(message=message), force=True)
+
+
+def finish_cancellation(state: State) -> State:
+    """Move a run that stopped on a cancel request from Cancelling to Cancelled.
+
+    The server accepts nothing but Cancelled after Cancelling, and Prefect's engine proposes
+    Failed for a flow whose task raised, so a run started without a worker would stay
+    Cancelling for good; the process that started it finishes the cancellation, as a worker would.
+    """
+    if not state.is_cancelling():
+        return state
+    cancelled = Cancelled(message=state.message or "cancelled on request")
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(state.state_details.flow_run_id, cancelled)
+    return cancelled
+
+
+def hold_run_folder(root: str | Path, run: str):
+    """`lock_run_folder` for a flow: waits are logged to the run, and a cancel or Ctrl-C ends them."""
+    return lock_run_folder(root, run, log=get_run_logger().info, should_stop=CancellationWatch())

@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from loraflow.devices import host_devices
 from tasks.interrupts import interrupted
-from tasks.training import ensure_concurrency_limit
+from tasks.slots import ensure_concurrency_limit
 
 
 @task(name="subflow", cache_policy=NO_CACHE)

@@ -115,7 +115,7 @@ def test_a_slot_whose_holder_died_without_a_lease_is_given_back(prefect_server):
     from prefect.logging import disable_run_logger
 
     from loraflow.layout import atomic_write_json
-    from tasks.training import _holders_dir, reclaim_dead_holders
+    from tasks.slots import _holders_dir, reclaim_dead_holders
 
     limit = "gpu-orphan-test"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

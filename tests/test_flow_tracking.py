@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from loraflow.config import SingleParams
-from loraflow.plan import RunPlan, resolve_training_settings
+from loraflow.plan import RunPlan
 from loraflow.tracking import PREFECT_FLOW_RUN_TAG, TrackingRequest
 from loraflow.train.request import TrainRequest
 from tests import browser
@@ -226,8 +226,7 @@ def test_a_tracking_server_gone_after_the_check_is_a_warning_and_the_run_goes_on
     dead = f"http://127.0.0.1:{closed_port()}"
     params = SingleParams(dataset={"path": str(tmp_path / "d.csv")}, output_dir=str(tmp_path), mlflow_tracking_uri=dead,
                           **TRACKED)
-    plan = RunPlan(params=params, name="reviews", model_path="/m", model_identity="m", root=str(tmp_path / "reviews"),
-                   settings=resolve_training_settings(params.preset_name, {}, params.task))
+    plan = RunPlan(params=params, name="reviews", model_path="/m", model_identity="m", root=str(tmp_path / "reviews"))
     request = TrainRequest(model_path="/m", task=params.task, settings=plan.settings, labels=None, train_shards=[],
                            eval_shards=[], checkpoint_dir="c", adapter_dir="a", logs_dir=str(tmp_path / "reviews" / "logs"))
     with disable_run_logger():

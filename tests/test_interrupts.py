@@ -159,7 +159,7 @@ def test_a_temporary_server_killed_mid_run_ends_it_in_bounded_time_and_the_next_
 
 @pytest.mark.slow
 def test_a_run_queued_for_a_slot_says_who_holds_it_and_a_cancel_ends_it_at_once(prefect_server, tmp_path):
-    from tasks.training import _holders_dir
+    from tasks.slots import _holders_dir
 
     limit, output_dir = "gpu-queued-cancel", tmp_path / "runs"
     holder = {"limit": limit, "run": "blocker", "host": socket.gethostname(), "pid": os.getpid(), "lease_id": None,
@@ -252,7 +252,7 @@ def test_a_slot_whose_release_failed_keeps_its_note_for_the_next_run(prefect_ser
     import httpx
     from prefect.concurrency import _sync
 
-    from tasks.training import _holders_dir, training_slots
+    from tasks.slots import _holders_dir, training_slots
 
     limit = "gpu-release-fails"
     with get_client(sync_client=True) as client:
