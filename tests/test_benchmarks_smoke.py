@@ -54,7 +54,7 @@ def test_orchestration_overhead(tmp_path, api_url):
     wall, stages = run_smoke(orchestration_overhead, tmp_path, api_url, "--modes", "server")
     assert column(wall, "variant") == ["plain", "flow, running server"]
     assert column(wall, "wall ratio")[0] == "1.00x" and all(RATIO.match(r) for r in column(wall, "wall ratio"))
-    assert column(stages, "stage") == [*orchestration_overhead.STAGES, "outside stages"]
+    assert column(stages, "stage") == [*orchestration_overhead.STAGE_NAMES, "outside stages"]
     plain_seconds = dict(zip(column(stages, "stage"), map(float, column(stages, "plain"))))
     assert plain_seconds["train"] > 0 and min(plain_seconds.values()) >= 0
 
