@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from loraflow.config import SingleParams
-from loraflow.gates import check_gates
+from loraflow.gates import check_gates, gates_pass
 from loraflow.plan import (
     PreparedData,
     RunPlan,
@@ -102,11 +102,11 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
             samples = stages.run("samples", samples_task, config, trained.adapter_dir,
                                  data.prepared.sample_prompts_path, layout.samples / "predictions.jsonl")
 
-        gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gates)}
-        passed = all(gate.passed for gate in gates.values())
+        gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gate_set, params.gate_profile)}
+        passed = gates_pass(gates.values())
         version = stages.run(
             "register", register_task, params.registry_root, config, trained.adapter_dir, metrics, passed,
-            registry_alias, params.gates,
+            registry_alias, params.gate_thresholds, params.promotion(gates.values(), data.baseline),
         ) if registry_alias else None
 
         timings, cached = {**data.timings, **stages.timings}, {**data.cached, **stages.cached}
@@ -115,6 +115,7 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
             model_path=plan.model_path,
             passed=passed, metrics=metrics, baseline=data.baseline, gates=gates, adapter_path=trained.adapter_dir,
             registry_version=version.version if version else None, registry_path=version.path if version else None,
+            promotion=version.decision if version else None,
             timings=timings, cached=cached, cached_stages=[s for s, hit in cached.items() if hit],
             counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
             paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.layout import atomic_write_text, read_jsonl
-from loraflow.report import RunResult, outcome_table, scalar_metrics
+from loraflow.report import RunResult, gate_verdict, outcome_table, scalar_metrics
 
 SAMPLE_ROWS = 25
 PICTURE_TITLES = {
@@ -105,7 +105,7 @@ def _gates(result: RunResult) -> str:
     if not result.gates:
         return "<p>No gates set.</p>"
     rows = [[escape(g.metric), f"{'&ge;' if g.higher_is_better else '&le;'} {g.threshold:g}", _fmt(g.value),
-             f'<span class="badge {"passed" if g.passed else "FAIL"}">{"pass" if g.passed else "FAIL"}</span>']
+             f'<span class="badge {"passed" if g.passed else "FAIL"}">{escape(gate_verdict(g))}</span>']
             for g in result.gates.values()]
     return _table(["gate", "threshold", "value", "verdict"], rows, numeric={2})
 

@@ -22,7 +22,7 @@ from loraflow.config import BatchParams, SingleParams, VariationsParams
 from loraflow.data.prepare import PreparedDataset
 from loraflow.data.tokenize import plan_shards
 from loraflow.errors import LoraflowError
-from loraflow.gates import check_gates
+from loraflow.gates import check_gates, gates_pass
 from loraflow.grid import Variant, rank_metric
 from loraflow.plan import (
     CACHED,
@@ -115,10 +115,11 @@ def plan_training(
             samples_task, config=config, adapter_dir=trained.adapter_dir,
             prompts_path=prepared.sample_prompts_path, out_path=layout.samples / "predictions.jsonl"))
         if metrics is not None and registry_alias:
-            passed = all(gate.passed for gate in check_gates(metrics, params.gates))
+            verdicts = check_gates(metrics, params.gate_set, params.gate_profile)
             stages["register"] = _status(probe.lookup(
                 register_task, registry_root=params.registry_root, config=config, adapter_dir=trained.adapter_dir,
-                metrics=metrics, passed=passed, alias=registry_alias, gates=params.gates))
+                metrics=metrics, passed=gates_pass(verdicts), alias=registry_alias, gates=params.gate_thresholds,
+                promotion=params.promotion(verdicts, {})))
     return PlannedRun(name=plan.name, dataset=prepared.name, output=plan.root, values=values or {},
                       settings=config.settings, steps=config.total_steps, stages=stages)
 

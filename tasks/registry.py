@@ -1,4 +1,4 @@
-"""The registration task: add the adapter to the registry, promote it when its gates pass."""
+"""The registration task: add the adapter to the registry, promote it when the promotion rule says so."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
 from loraflow.plan import ResolvedConfig
+from loraflow.promotion import PromotionRequest
 from loraflow.registry import Registry, RegistryVersion
 from tasks import events
 from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
@@ -24,18 +25,21 @@ def _register_key(context, parameters) -> str:
         parameters["passed"],
         parameters["alias"],
         parameters["gates"],
+        # Not the baseline: it follows from the config, keyed already, and a plan has none to give.
+        parameters["promotion"].model_dump(exclude={"baseline"}) if parameters.get("promotion") else None,
     )
 
 
 @task(name="register-adapter", cache_key_fn=_register_key, **transient_retries())
 def register_task(
     registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool,
-    alias: str = PROMOTED_ALIAS, gates: dict[str, float] | None = None,
+    alias: str = PROMOTED_ALIAS, gates: dict[str, float] | None = None, promotion: PromotionRequest | None = None,
 ) -> RegistryVersion:
     """Register a version keyed by the config fingerprint (idempotent: identical inputs never
     add a version), record the verdict of these `gates` on it, and point `alias` (`production`;
-    `best` for a variations winner) at it only when every gate passed. Keyed on the gates too:
-    the same adapter under other gates is a new verdict, not a cache hit."""
+    `best` for a variations winner) at it when `promotion`'s rule allows (default: every gate
+    passed). Keyed on the gates and the rule too: the same adapter judged otherwise is a new
+    verdict, not a cache hit."""
     registry = Registry(registry_root)
     card = {
         "task": config.task,
@@ -47,13 +51,14 @@ def register_task(
     }
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     version, outcome = registry.register(config.name, adapter_dir, config.fingerprint, card, scalars, passed,
-                                         gates=gates, alias=alias, flow_run_id=flow_run.get_id())
+                                         gates=gates, alias=alias, flow_run_id=flow_run.get_id(), promotion=promotion)
     logger = get_run_logger()
     said = {"created": "registered", "found": "already registered as",
             "restored": "restored the missing or incomplete folder of"}[outcome]
     logger.info(f"{said} {config.name} v{version.version} ({version.path}); verdict {version.verdict}: "
                 f"{'passed' if passed else 'failed'}")
-    if passed:
-        logger.info(f"{config.name}: alias {alias!r} -> v{version.version}")
+    if version.decision is not None:
+        moved = "->" if version.decision.promote else "stays; not"
+        logger.info(f"{config.name}: alias {alias!r} {moved} v{version.version}: {version.decision.reason}")
     events.model_registered(version)
     return version
