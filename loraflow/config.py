@@ -370,6 +370,44 @@ class VariationsParams(SingleParams):
         return self.name or f"{self.dataset.resolved_name}-variations"
 
 
+class RegistryParams(StrictModel):
+    """Parameters of the `registry` flow: look at a registry name, or move one of its aliases."""
+
+    action: Literal["list", "show", "promote", "rollback", "diff"] = Field(
+        description="`list` names or versions, `show` a version, `promote` a version to an alias, `rollback` an "
+        "alias to its previous version, `diff` two versions."
+    )
+    name: Annotated[str, safe_folder("name")] | None = Field(
+        default=None, description="The registry name (the dataset's); `list` without it lists every name."
+    )
+    version: str | None = Field(
+        default=None, description="`show`/`diff`: a version number or alias; `promote`: the version number."
+    )
+    other: str | None = Field(default=None, description="`diff`: the second version number or alias.")
+    alias: Annotated[str, safe_folder("alias")] = Field(
+        default="production", description="`promote`/`rollback`: the alias to move."
+    )
+    comment: str | None = Field(default=None, description="Why the alias moves; kept with the move in the registry.")
+    registry_dir: str = Field(default="runs/registry", description="The registry root.")
+
+    @field_validator("version", "other")
+    @classmethod
+    def _bare_number(cls, value: str | None) -> str | None:
+        """`v3` and `3` name the same version; anything else is an alias."""
+        return value[1:] if value and value[0] == "v" and value[1:].isdigit() else value
+
+    @model_validator(mode="after")
+    def _action_has_its_arguments(self) -> "RegistryParams":
+        needed = {"list": [], "show": ["name", "version"], "promote": ["name", "version"], "rollback": ["name"],
+                  "diff": ["name", "version", "other"]}[self.action]
+        missing = [field for field in needed if getattr(self, field) is None]
+        if missing:
+            raise ValueError(f"{self.action} needs {' and '.join(missing)}")
+        if self.action == "promote" and not self.version.isdigit():
+            raise ValueError(f"promote: version {self.version!r} is not a version number (3 or v3)")
+        return self
+
+
 def format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem: `source: field.path: message`."""
     lines = []

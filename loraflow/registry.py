@@ -146,7 +146,7 @@ class RegistryIndex(BaseModel):
         that very version on the candidate's test split; else its recorded metrics when it was
         evaluated on the same data with the same base model (the same split); else unavailable."""
         number = self.aliases.get(alias)
-        if number is None or number == candidate.version:
+        if number is None:
             return None
         if offered is not None and offered.version == number:
             return offered
@@ -216,6 +216,18 @@ class Registry:
         passed), all under one lock and one index write. Returns the version (its `decision` says
         why) and `created`, `found` or `restored` (its folder was missing or incomplete and was copied
         again from `adapter_dir`, which holds the registered bytes)."""
+        version, outcome, _ = self.register_and_promote(name, adapter_dir, key, card, metrics, passed, gates, alias,
+                                                        flow_run_id, promotion)
+        return version, outcome
+
+    def register_and_promote(
+        self, name: str, adapter_dir: str | Path, key: str, card: dict[str, Any], metrics: dict[str, Any],
+        passed: bool, gates: dict[str, float] | None = None, alias: str | None = None,
+        flow_run_id: str | None = None, promotion: PromotionRequest | None = None,
+    ) -> tuple[RegistryVersion, str, AliasMove | None]:
+        """`register`, also returning the alias move it made (None: the alias stayed), which is
+        what says whether to announce a promotion. The alias is decided on only when it points
+        elsewhere: a version it already names keeps its earlier decision."""
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ConfigError(f"registry: {adapter_dir} holds no adapter (adapter_config.json missing)")
@@ -241,13 +253,15 @@ class Registry:
                 version.adapter_fingerprint = fingerprint
                 outcome = "restored"
             verdict = version.record(gates, passed, metrics, flow_run_id)
-            if alias is not None:
+            move = None
+            if alias is not None and index.aliases.get(alias) != version.version:
                 request = promotion or PromotionRequest()
                 verdict.promotion = decide(request, alias, verdict.passed, metrics,
                                            index.champion(alias, version, request.champion))
                 if verdict.promotion.promote:
-                    index.move(alias, version, verdict, flow_run_id=flow_run_id, comment=verdict.promotion.reason)
-            return version, outcome
+                    move = index.move(alias, version, verdict, flow_run_id=flow_run_id,
+                                      comment=verdict.promotion.reason)
+            return version, outcome, move
 
     def _freeze(self, version: RegistryVersion, adapter_dir: Path) -> None:
         """Copy the adapter and its card into `v<N>/` through a staging folder, so `v<N>` is whole or absent."""
@@ -298,6 +312,18 @@ class Registry:
                        comment=comment)
             return target.version
 
+    def describe(self, action: str, name: str | None, first: str | None = None, second: str | None = None) -> str:
+        """What the registry flow prints: every name (`list` without one), a name's versions (`list`),
+        a version (`show`, and after `promote`/`rollback` the version the alias now names), or a diff."""
+        if name is None:
+            return "\n".join(self.names()) or f"{self.root}: no registry names yet"
+        index = self._read(name)
+        if action == "list":
+            return list_text(index)
+        if action == "diff":
+            return diff_text(self.resolve(name, first), self.resolve(name, second))
+        return show_text(index, self.resolve(name, first))
+
     def names(self) -> list[str]:
         """Every registry name under the root."""
         return sorted(p.parent.name for p in self.root.glob("*/index.json")) if self.root.is_dir() else []
@@ -315,3 +341,71 @@ class Registry:
                 "produced it to restore it from their adapter, or point the alias elsewhere (rollback)"
             )
         return version
+
+
+class RegistryReport(BaseModel):
+    """What the `registry` flow returns: the action's text and the alias move it made, if any."""
+
+    action: str
+    name: str | None
+    output: str
+    move: AliasMove | None = None
+
+    def text(self) -> str:
+        return self.output
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) or "no metrics"
+
+
+def list_text(index: RegistryIndex) -> str:
+    """One line per version, newest first, with the aliases that point at it."""
+    named: dict[int, list[str]] = {}
+    for alias, number in index.aliases.items():
+        named.setdefault(number, []).append(alias)
+    lines = [f"{index.name}: {len(index.versions)} version(s)"]
+    for version in reversed(index.versions):
+        aliases = f"  <- {', '.join(sorted(named[version.version]))}" if version.version in named else ""
+        verdict = "passed" if version.passed else "failed"
+        lines.append(f"  v{version.version}  {verdict:<6}  {_metrics_text(version.metrics)}  {version.created[:19]}{aliases}")
+    return "\n".join(lines)
+
+
+def show_text(index: RegistryIndex, version: RegistryVersion) -> str:
+    """A version's card, verdicts and promotion decisions, and every move of an alias to it."""
+    lines = [f"{version.name} v{version.version}  {version.path}",
+             f"  base model {version.card.get('base_model', '?')}, task {version.card.get('task', '?')}, "
+             f"registered {version.created[:19]}, key {version.key[:16]}"]
+    for verdict in version.verdicts:
+        lines.append(f"  verdict {verdict.number}: {'passed' if verdict.passed else 'failed'} gates {verdict.gates}  "
+                     f"{_metrics_text(verdict.metrics)}")
+        if verdict.promotion is not None:
+            lines.append(f"    {verdict.promotion.alias}: {'promoted' if verdict.promotion.promote else 'not promoted'}"
+                         f" ({verdict.promotion.rule}): {verdict.promotion.reason}")
+    for alias, moves in index.alias_moves.items():
+        for move in moves:
+            if move.version == version.version:
+                by = f" by flow run {move.flow_run_id}" if move.flow_run_id else ""
+                note = f": {move.comment}" if move.comment else ""
+                lines.append(f"  {alias} {move.how} {move.when[:19]} from v{move.previous}{by}{note}")
+    return "\n".join(lines)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def diff_text(a: RegistryVersion, b: RegistryVersion) -> str:
+    """The metrics of two versions side by side, and every card setting that differs between them."""
+    lines = [f"{a.name}: v{a.version} -> v{b.version}", "  metric          a          b      delta"]
+    for metric in dict.fromkeys([*a.metrics, *b.metrics]):
+        left, right = a.metrics.get(metric), b.metrics.get(metric)
+        if isinstance(left, (int, float)) and isinstance(right, (int, float)):
+            lines.append(f"  {metric:<12} {left:>10.4f} {right:>10.4f} {right - left:>+10.4f}")
+    card_a, card_b = _flat(a.card), _flat(b.card)
+    changed = [key for key in dict.fromkeys([*card_a, *card_b]) if card_a.get(key) != card_b.get(key)]
+    lines += [f"  {key}: {card_a.get(key)!r} -> {card_b.get(key)!r}" for key in changed] or ["  same settings"]
+    return "\n".join(lines)

@@ -7,7 +7,7 @@ from prefect.runtime import flow_run
 
 from loraflow.plan import ResolvedConfig
 from loraflow.promotion import PromotionRequest
-from loraflow.registry import Registry, RegistryVersion
+from loraflow.registry import AliasMove, Registry, RegistryVersion
 from tasks import events
 from tasks.policies import adapter_fingerprint, fingerprint_key, transient_retries
 
@@ -50,8 +50,9 @@ def register_task(
         "config": config.model_dump(),
     }
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    version, outcome = registry.register(config.name, adapter_dir, config.fingerprint, card, scalars, passed,
-                                         gates=gates, alias=alias, flow_run_id=flow_run.get_id(), promotion=promotion)
+    version, outcome, move = registry.register_and_promote(
+        config.name, adapter_dir, config.fingerprint, card, scalars, passed, gates=gates, alias=alias,
+        flow_run_id=flow_run.get_id(), promotion=promotion)
     logger = get_run_logger()
     said = {"created": "registered", "found": "already registered as",
             "restored": "restored the missing or incomplete folder of"}[outcome]
@@ -61,4 +62,26 @@ def register_task(
         moved = "->" if version.decision.promote else "stays; not"
         logger.info(f"{config.name}: alias {alias!r} {moved} v{version.version}: {version.decision.reason}")
     events.model_registered(version)
+    if move is not None:
+        events.alias_moved(version, alias, move)
     return version
+
+
+@task(name="move-alias", **transient_retries())
+def move_alias_task(registry_root: str, name: str, action: str, alias: str, version: int | None = None,
+                    comment: str | None = None) -> AliasMove | None:
+    """Promote `version` to `alias` or roll `alias` back, by hand: recorded with this flow run and
+    `comment`, and announced as `loraflow.model.promoted` / `loraflow.model.rolled-back`."""
+    registry = Registry(registry_root)
+    if action == "promote":
+        move = registry.promote(name, version, alias, flow_run_id=flow_run.get_id(), comment=comment)
+    else:
+        registry.rollback(name, alias, flow_run_id=flow_run.get_id(), comment=comment)
+        move = registry.index(name).alias_moves[alias][-1]
+    logger = get_run_logger()
+    if move is None:
+        logger.info(f"{name}: alias {alias!r} already names v{version}; nothing moved")
+        return None
+    logger.info(f"{name}: alias {alias!r} v{move.previous} -> v{move.version} ({move.how})")
+    events.alias_moved(registry.index(name).get(move.version), alias, move)
+    return move
