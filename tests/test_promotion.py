@@ -111,3 +111,25 @@ def test_a_bad_gates_file_is_one_line(tmp_path, content, profile, expected):
 def test_promotion_parameters_are_validated(fields, expected):
     with pytest.raises(ValueError, match=expected):
         SingleParams(dataset={"path": "d.csv"}, **fields)
+
+
+def test_summaries_show_warnings_and_the_decision():
+    from loraflow.html_report import run_report_html
+    from loraflow.report import RunResult, summary_markdown, summary_text
+
+    gates = {v.metric: v for v in check_gates({"accuracy": 0.9, "f1_macro": 0.5},
+                                              {"accuracy": 0.5, "f1_macro": Gate(threshold=0.8, severity="warning")},
+                                              "staging")}
+    decision = _decide({"accuracy": 0.9}, Champion(version=1, metrics={"accuracy": 0.95}))
+    result = RunResult(name="t", status="passed", task="sequence-classification", model="minilm", model_path="m",
+                       passed=gates_pass(gates.values()), metrics={"accuracy": 0.9, "f1_macro": 0.5}, baseline=BASE,
+                       gates=gates, adapter_path="a", registry_version=2, registry_path="r", timings={}, cached={},
+                       promotion=decision)
+    text = summary_text(result)
+    assert "  gate: f1_macro 0.5000 >= 0.8 WARN (warning, profile staging)" in text
+    assert ("  promotion: production not moved (promote_if: better): not better than production v1 by 0.0: "
+            "accuracy -0.0500") in text
+    assert result.passed and not result.failed_gates
+    assert "| accuracy | 0.3000 | 0.9500 | 0.9000 | -0.0500 |" in summary_markdown(result)
+    html = run_report_html(result, {}, {})
+    assert "<th>champion v1</th>" in html and "WARN (warning, profile staging)" in html
