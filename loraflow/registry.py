@@ -301,16 +301,16 @@ class Registry:
             target = index.get(version)
             return index.move(alias, target, target.passing_verdict(), flow_run_id=flow_run_id, comment=comment)
 
-    def rollback(self, name: str, alias: str, flow_run_id: str | None = None, comment: str | None = None) -> int:
-        """Move `alias` back to the version it pointed at before the last promotion."""
+    def rollback(self, name: str, alias: str, flow_run_id: str | None = None,
+                 comment: str | None = None) -> AliasMove | None:
+        """Move `alias` back to the version it pointed at before the last promotion; the move says where."""
         with self._locked(name) as index:
             history = index.alias_history.get(alias) or []
             if not history:
                 raise ConfigError(f"registry: alias {alias!r} of {name} has no earlier version to roll back to")
             target = index.get(history.pop())
-            index.move(alias, target, target.passing_verdict(), how="rollback", flow_run_id=flow_run_id,
-                       comment=comment)
-            return target.version
+            return index.move(alias, target, target.passing_verdict(), how="rollback", flow_run_id=flow_run_id,
+                              comment=comment)
 
     def describe(self, action: str, name: str | None, first: str | None = None, second: str | None = None) -> str:
         """What the registry flow prints: every name (`list` without one), a name's versions (`list`),

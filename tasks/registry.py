@@ -67,17 +67,17 @@ def register_task(
     return version
 
 
-@task(name="move-alias", **transient_retries())
+@task(name="move-alias")
 def move_alias_task(registry_root: str, name: str, action: str, alias: str, version: int | None = None,
                     comment: str | None = None) -> AliasMove | None:
     """Promote `version` to `alias` or roll `alias` back, by hand: recorded with this flow run and
-    `comment`, and announced as `loraflow.model.promoted` / `loraflow.model.rolled-back`."""
+    `comment`, and announced as `loraflow.model.promoted` / `loraflow.model.rolled-back`. No retries:
+    a rollback retried after it took effect would roll back a second time."""
     registry = Registry(registry_root)
     if action == "promote":
         move = registry.promote(name, version, alias, flow_run_id=flow_run.get_id(), comment=comment)
     else:
-        registry.rollback(name, alias, flow_run_id=flow_run.get_id(), comment=comment)
-        move = registry.index(name).alias_moves[alias][-1]
+        move = registry.rollback(name, alias, flow_run_id=flow_run.get_id(), comment=comment)
     logger = get_run_logger()
     if move is None:
         logger.info(f"{name}: alias {alias!r} already names v{version}; nothing moved")

@@ -49,7 +49,7 @@ def test_promote_and_rollback(tmp_path):
         version, _ = registry.register("n", adapter, key, {}, {}, True)
         registry.promote("n", version.version, "production")
     assert registry.resolve("n", "production").version == 2
-    assert registry.rollback("n", "production") == 1
+    assert registry.rollback("n", "production").version == 1
     assert registry.resolve("n", "production").version == 1
     with pytest.raises(ConfigError, match="no earlier version"):
         registry.rollback("n", "production")
