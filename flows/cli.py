@@ -18,13 +18,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from loraflow.batch import BatchResult
 from loraflow.config import load_params_file
 from loraflow.devices import check_devices
 from loraflow.errors import LoraflowError
-from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, summary_text
-from loraflow.variations import VariationsResult
 from tasks.interrupts import TerminalSession, finish_cancellation, interrupted, what_was_saved
 
 USAGE = (
@@ -65,6 +62,12 @@ def run_from_command_line(
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    return run_in_terminal(flow, params)
+
+
+def run_in_terminal(flow: Any, params: BaseModel) -> int:
+    """Run `flow(params)` for the terminal: print what it returned (`summary_text` of a run, else its
+    `text()`), and exit 0 when it completed, 1 with its one-line reason when not, 130/143 on Ctrl-C/SIGTERM."""
     # The temporary server's telemetry job races the run for its SQLite file ("database is
     # locked" tracebacks); it inherits this environment when it starts on the first API call.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -88,7 +91,7 @@ def run_from_command_line(
     outcome = state.result(raise_on_failure=False)
     if isinstance(outcome, RunResult):
         print("\n" + summary_text(outcome))
-    elif isinstance(outcome, (ExecutionPlan, BatchResult, VariationsResult)):
+    elif isinstance(outcome, BaseModel) and callable(getattr(outcome, "text", None)):  # plans, batches, grids
         print("\n" + outcome.text())
     if state.is_completed():
         return 0

@@ -93,6 +93,7 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
             model_path=plan.model_path, passed=run.passed, metrics=run["metrics"], baseline=data.baseline,
             gates=run.gates, adapter_path=trained.adapter_dir,
             registry_version=version.version if version else None, registry_path=version.path if version else None,
+            promotion=version.decision if version else None,
             timings=timings, cached=cached, cached_stages=[s for s, hit in cached.items() if hit],
             counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
             paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),

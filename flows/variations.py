@@ -96,7 +96,7 @@ def register_best(plan: RunPlan, data: PreparedData, best: RunOutcome) -> Regist
     config = PipelineRun(plan, outputs=data.outputs()).config.model_copy(update={"name": data.prepared.name})
     stages = StageRecorder(result_storage(plan.params))
     return stages.run("register", register_task, plan.params.registry_root, config, best.adapter_path, best.metrics,
-                      True, BEST_ALIAS, plan.params.gates)
+                      True, BEST_ALIAS, plan.params.gate_thresholds)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ folder-safe names live in `loraflow.settings`; the grid of a variations run in `
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,8 +24,10 @@ from pydantic import (
 )
 
 from loraflow.errors import ConfigError
+from loraflow.gates import Gate, GateVerdict, load_gate_profile
 from loraflow.grid import expand_variations
 from loraflow.metrics import HIGHER_IS_BETTER
+from loraflow.promotion import Approval, PromotionRequest, Rule
 from loraflow.settings import (
     DEFAULT_PRESET,
     StrictModel,
@@ -94,6 +97,27 @@ class RunSettings(StrictModel):
     gates: dict[str, float] = Field(
         default_factory=dict, description="Metric -> threshold, e.g. `accuracy: 0.85`, `perplexity: 40`."
     )
+    gates_file: str | None = Field(
+        default=None, description="A YAML file of named gate profiles (`profiles: {dev: {accuracy: 0.7}, ...}`)."
+    )
+    gate_profile: str | None = Field(
+        default=None,
+        description="The profile of gates_file in force (dev, staging, production...); inline `gates` are added "
+        "on top of it as critical gates.",
+    )
+    promote_if: Rule = Field(
+        default="better",
+        description="When a passing run takes `production`: `better` than the version there now by at least "
+        "min_improvement on the gate metrics and never worse than the base model; `passes` its critical gates; `never`.",
+    )
+    min_improvement: float = Field(
+        default=0.0, ge=0, description="How much `better` must beat the champion by on each gate metric."
+    )
+    approval: Approval = Field(
+        default="none",
+        description="`required`: a run the rule would promote is registered but not promoted; promote it with "
+        "`python flows/registry.py promote <name> <version>`.",
+    )
     output_dir: str = Field(default="runs", description="Root folder for everything the run produces.")
     registry_dir: str | None = Field(default=None, description="Adapter registry root; defaults to <output_dir>/registry.")
     seed: int = Field(default=42)
@@ -155,6 +179,34 @@ class RunSettings(StrictModel):
             if metric not in HIGHER_IS_BETTER:
                 raise ValueError(f"unknown gate metric {metric!r}{suggest(metric, HIGHER_IS_BETTER)}")
         return gates
+
+    @model_validator(mode="after")
+    def _gate_profile_loads(self) -> "RunSettings":
+        """A missing gates file, an unknown profile or a bad gate in it fails before any work."""
+        if (self.gate_profile is None) != (self.gates_file is None):
+            raise ValueError("gate_profile and gates_file must be given together")
+        if self.gate_profile is not None:
+            try:
+                self.gate_set
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return self
+
+    @property
+    def gate_set(self) -> dict[str, float | Gate]:
+        """The gates in force: the profile's, with the inline `gates` (bare thresholds: critical) on top."""
+        profile = load_gate_profile(self.gates_file, self.gate_profile) if self.gate_profile else {}
+        return {**profile, **self.gates}
+
+    @property
+    def gate_thresholds(self) -> dict[str, float]:
+        """Every gate in force as metric -> threshold: what a registry verdict records."""
+        return {metric: getattr(gate, "threshold", gate) for metric, gate in self.gate_set.items()}
+
+    def promotion(self, verdicts: Iterable[GateVerdict], baseline: dict[str, Any]) -> PromotionRequest:
+        """This run's side of the promotion decision: the rule and the evidence."""
+        return PromotionRequest(rule=self.promote_if, min_improvement=self.min_improvement, approval=self.approval,
+                                verdicts=list(verdicts), baseline=baseline)
 
     @model_validator(mode="after")
     def _preset_and_overrides_resolve(self) -> "RunSettings":
@@ -316,6 +368,44 @@ class VariationsParams(SingleParams):
     @property
     def folder_name(self) -> str:
         return self.name or f"{self.dataset.resolved_name}-variations"
+
+
+class RegistryParams(StrictModel):
+    """Parameters of the `registry` flow: look at a registry name, or move one of its aliases."""
+
+    action: Literal["list", "show", "promote", "rollback", "diff"] = Field(
+        description="`list` names or versions, `show` a version, `promote` a version to an alias, `rollback` an "
+        "alias to its previous version, `diff` two versions."
+    )
+    name: Annotated[str, safe_folder("name")] | None = Field(
+        default=None, description="The registry name (the dataset's); `list` without it lists every name."
+    )
+    version: str | None = Field(
+        default=None, description="`show`/`diff`: a version number or alias; `promote`: the version number."
+    )
+    other: str | None = Field(default=None, description="`diff`: the second version number or alias.")
+    alias: Annotated[str, safe_folder("alias")] = Field(
+        default="production", description="`promote`/`rollback`: the alias to move."
+    )
+    comment: str | None = Field(default=None, description="Why the alias moves; kept with the move in the registry.")
+    registry_dir: str = Field(default="runs/registry", description="The registry root.")
+
+    @field_validator("version", "other")
+    @classmethod
+    def _bare_number(cls, value: str | None) -> str | None:
+        """`v3` and `3` name the same version; anything else is an alias."""
+        return value[1:] if value and value[0] == "v" and value[1:].isdigit() else value
+
+    @model_validator(mode="after")
+    def _action_has_its_arguments(self) -> "RegistryParams":
+        needed = {"list": [], "show": ["name", "version"], "promote": ["name", "version"], "rollback": ["name"],
+                  "diff": ["name", "version", "other"]}[self.action]
+        missing = [field for field in needed if getattr(self, field) is None]
+        if missing:
+            raise ValueError(f"{self.action} needs {' and '.join(missing)}")
+        if self.action == "promote" and not self.version.isdigit():
+            raise ValueError(f"promote: version {self.version!r} is not a version number (3 or v3)")
+        return self
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:

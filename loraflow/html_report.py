@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.layout import atomic_write_text, read_jsonl
-from loraflow.report import RunResult, outcome_table, scalar_metrics
+from loraflow.report import RunResult, gate_verdict, outcome_table, promotion_line, scalar_metrics
 
 SAMPLE_ROWS = 25
 PICTURE_TITLES = {
@@ -101,11 +101,23 @@ def _comparison(result: RunResult) -> str:
     return _table(["metric", "adapter", "base model", "change"], rows, numeric={1, 2, 3})
 
 
+def _promotion(result: RunResult) -> str:
+    """The alias decision and the comparison behind it: base model, champion, this adapter."""
+    decision = result.promotion
+    if decision is None:
+        return "<p>Not registered.</p>"
+    rows = [[escape(r.metric), _fmt(r.base), _fmt(r.champion), _fmt(r.candidate), _fmt(r.delta)]
+            for r in decision.comparison]
+    champion = f"champion v{decision.champion}" if decision.champion is not None else "champion"
+    return (f"<p>{escape(promotion_line(decision, result.registry_version))}</p>"
+            + _table(["metric", "base model", champion, "this adapter", "delta"], rows, numeric={1, 2, 3, 4}))
+
+
 def _gates(result: RunResult) -> str:
     if not result.gates:
         return "<p>No gates set.</p>"
     rows = [[escape(g.metric), f"{'&ge;' if g.higher_is_better else '&le;'} {g.threshold:g}", _fmt(g.value),
-             f'<span class="badge {"passed" if g.passed else "FAIL"}">{"pass" if g.passed else "FAIL"}</span>']
+             f'<span class="badge {"passed" if g.passed else "FAIL"}">{escape(gate_verdict(g))}</span>']
             for g in result.gates.values()]
     return _table(["gate", "threshold", "value", "verdict"], rows, numeric={2})
 
@@ -157,6 +169,7 @@ def run_report_html(result: RunResult, pictures: dict[str, str], tracker_links: 
         f"{escape(counts)}</p>",
         "<h2>Adapter against the base model (test split)</h2>", _comparison(result),
         "<h2>Quality gates</h2>", _gates(result),
+        "<h2>Promotion</h2>", _promotion(result),
         "<h2>Pictures</h2>", _pictures(pictures),
         "<h2>Training</h2>", _training(result),
         "<h2>Sample predictions</h2>", _samples(result.paths.get("samples")),

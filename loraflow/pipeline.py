@@ -31,12 +31,13 @@ from loraflow.data.tokenize import (
 )
 from loraflow.devices import lease_devices
 from loraflow.fingerprint import code_version, hash_json, hash_tree
-from loraflow.gates import GateVerdict, check_gates
+from loraflow.gates import GateVerdict, check_gates, gates_pass
 from loraflow.layout import atomic_write_json
 from loraflow.model_process import run_model_work
 from loraflow.models import model_identity
 from loraflow.plan import ResolvedConfig, RunPlan, resolve_config
-from loraflow.registry import Registry, RegistryVersion
+from loraflow.promotion import PromotionRequest
+from loraflow.registry import AliasMove, Registry, RegistryVersion
 from loraflow.train.launch import LaunchOptions, run_training
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
 
@@ -143,11 +144,19 @@ class PipelineRun:
 
     @property
     def gates(self) -> dict[str, GateVerdict]:
-        return {verdict.metric: verdict for verdict in check_gates(self["metrics"], self.params.gates)}
+        """The verdict of each gate in force (the profile's and the inline ones) on this run's metrics."""
+        verdicts = check_gates(self["metrics"], self.params.gate_set, self.params.gate_profile)
+        return {verdict.metric: verdict for verdict in verdicts}
 
     @property
     def passed(self) -> bool:
-        return all(gate.passed for gate in self.gates.values())
+        """Every critical gate passed (a failing warning gate is only reported)."""
+        return gates_pass(self.gates.values())
+
+    @property
+    def promotion(self) -> PromotionRequest:
+        """This run's side of the promotion decision: the rule, the verdicts and the baseline."""
+        return self.params.promotion(self.gates.values(), self.outputs.get("baseline") or {})
 
 
 def expected_shards(prepared: PreparedDataset, tokenizer_path: str, task: str, max_length: int, shard_size: int,
@@ -287,36 +296,46 @@ def train(config: ResolvedConfig, request: TrainRequest, launch: LaunchOptions |
 
 
 def register_key(arguments: dict[str, Any]) -> str:
-    """Keyed on the gates and the registry folder's state too: the same adapter under other gates is
-    a new verdict, and a damaged version folder is restored instead of served from cache."""
+    """Keyed on the gates, the promotion rule and the registry folder's state too: the same adapter
+    judged otherwise is a new verdict, and a damaged version folder is restored instead of served
+    from cache. Not on the baseline: the config keys it already, and a plan has none to give."""
     config: ResolvedConfig = arguments["config"]
-    registry_root = arguments["registry_root"]
+    registry_root, promotion = arguments["registry_root"], arguments.get("promotion")
     return fingerprint_key(
         "register", config.fingerprint, Registry(registry_root).damage(config.name, config.fingerprint),
         adapter_fingerprint(arguments["adapter_dir"]), registry_root, arguments["passed"], arguments["alias"],
-        arguments["gates"],
+        arguments["gates"], promotion.model_dump(exclude={"baseline"}) if promotion else None,
     )
 
 
-def register(registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool,
-             alias: str | None, gates: dict[str, float] | None = None, flow_run_id: str | None = None,
-             log: Log = _quiet) -> RegistryVersion:
+def register_and_decide(
+    registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool, alias: str | None,
+    gates: dict[str, float] | None = None, promotion: PromotionRequest | None = None, flow_run_id: str | None = None,
+    log: Log = _quiet,
+) -> tuple[RegistryVersion, AliasMove | None]:
     """Register a version keyed by the config fingerprint (identical inputs never add one), record
-    this verdict on it, and point `alias` (`production`; `best` for a grid's winner) at it only when
-    every gate passed."""
+    this verdict on it, and let the promotion rule decide, under the registry's lock, whether `alias`
+    (`production`; `best` for a grid's winner) moves to it. Returns the version and the move made."""
     card = {"task": config.task, "base_model": config.model, "model_identity": config.model_identity,
             "dataset_fingerprint": config.dataset_fingerprint, "code_version": config.code_version,
             "config": config.model_dump()}
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-    version, outcome = Registry(registry_root).register(config.name, adapter_dir, config.fingerprint, card, scalars,
-                                                        passed, gates=gates, alias=alias, flow_run_id=flow_run_id)
+    version, outcome, move = Registry(registry_root).register_and_promote(
+        config.name, adapter_dir, config.fingerprint, card, scalars, passed, gates=gates, alias=alias,
+        flow_run_id=flow_run_id, promotion=promotion)
     said = {"created": "registered", "found": "already registered as",
             "restored": "restored the missing or incomplete folder of"}[outcome]
     log(f"{said} {config.name} v{version.version} ({version.path}); verdict {version.verdict}: "
         f"{'passed' if passed else 'failed'}")
-    if passed and alias:
-        log(f"{config.name}: alias {alias!r} -> v{version.version}")
-    return version
+    if version.decision is not None:
+        moved = "->" if version.decision.promote else "stays; not"
+        log(f"{config.name}: alias {alias!r} {moved} v{version.version}: {version.decision.reason}")
+    return version, move
+
+
+def register(*arguments: Any, **keywords: Any) -> RegistryVersion:
+    """`register_and_decide`, for the walkers that keep only the version."""
+    return register_and_decide(*arguments, **keywords)[0]
 
 
 # --- the stage lists --------------------------------------------------------------------------------
@@ -361,7 +380,8 @@ TRAINING_STAGES: list[Stage] = [
         name="register", output="version", function=register, cache_key=register_key, skipped="best variant only",
         arguments=lambda run: None if run.registry_alias is None else {
             "registry_root": run.params.registry_root, "config": run.config, "adapter_dir": run["trained"].adapter_dir,
-            "metrics": run["metrics"], "passed": run.passed, "alias": run.registry_alias, "gates": run.params.gates},
+            "metrics": run["metrics"], "passed": run.passed, "alias": run.registry_alias,
+            "gates": run.params.gate_thresholds, "promotion": run.promotion},
     ),
 ]
 

@@ -89,7 +89,7 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
     """Checks, then the plan of one run, named after its dataset, in `<output_dir>/<name>` unless
     `root` says otherwise (a variations grid keeps its shared data in its own folder)."""
     settings = resolve_training_settings(params.preset_name, params.overrides, params.task)
-    unknown_gates = set(params.gates) - metrics_for_task(params.task)
+    unknown_gates = set(params.gate_set) - metrics_for_task(params.task)
     if unknown_gates:
         raise ConfigError(
             f"gates: {sorted(unknown_gates)} are not produced by task {params.task!r}; "

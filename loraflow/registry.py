@@ -7,8 +7,11 @@ Layout under the registry root::
 
 A version is keyed by the fingerprint of everything that produced it (dataset, resolved
 config, base model, code), so registering the same inputs twice returns the existing
-version. Each evaluation of a version is kept as a verdict on it (gates, metrics, passed), and
-an alias moves only on a passing one. A version folder deleted or half copied by hand is noticed
+version. Each evaluation of a version is kept as a verdict on it (gates, metrics, passed, and the
+promotion decision), and an alias moves only when `loraflow.promotion.decide` says so, decided under
+the name's lock against the version the alias points at then: two runs promoting into one name at
+once end with the one the rule prefers, and registering and moving the alias are one index write, so
+a crash leaves both undone. A version folder deleted or half copied by hand is noticed
 when it is read or registered again. Every read-modify-write of an index holds an exclusive file
 lock, so concurrent runs never lose an update; the index is replaced atomically, so readers never
 see half of it.
@@ -31,6 +34,7 @@ from pydantic import BaseModel, Field, model_validator
 from loraflow.errors import ConfigError, RegistryError
 from loraflow.fingerprint import hash_tree
 from loraflow.layout import atomic_write_json, honour_umask
+from loraflow.promotion import Champion, PromotionDecision, PromotionRequest, decide
 from loraflow.settings import check_safe_name
 
 # The aliases loraflow moves: a single or batch run's passing adapter, and a variations grid's winner.
@@ -48,6 +52,7 @@ class Verdict(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     when: str
     flow_run_id: str | None = None
+    promotion: PromotionDecision | None = None  # None: registered without an alias to decide on
 
 
 class RegistryVersion(BaseModel):
@@ -85,6 +90,11 @@ class RegistryVersion(BaseModel):
         self.passed, self.metrics, self.verdict = verdict.passed, verdict.metrics, verdict.number
         return verdict
 
+    @property
+    def decision(self) -> PromotionDecision | None:
+        """The latest verdict's promotion decision."""
+        return self.verdicts[self.verdict - 1].promotion if self.verdicts else None
+
     def passing_verdict(self) -> Verdict:
         """The latest verdict that passed: what lets an alias point here."""
         for verdict in reversed(self.verdicts):
@@ -97,12 +107,15 @@ class RegistryVersion(BaseModel):
 
 
 class AliasMove(BaseModel):
-    """Where an alias went, when, and the passing verdict that allowed it."""
+    """Where an alias went, when, the passing verdict that allowed it, and who or what moved it."""
 
     version: int
     verdict: int
     when: str
     how: str  # "promote" | "rollback"
+    previous: int | None = None
+    flow_run_id: str | None = None
+    comment: str | None = None  # a person's note, or the promotion decision's reason
 
 
 class RegistryIndex(BaseModel):
@@ -118,16 +131,35 @@ class RegistryIndex(BaseModel):
                 return version
         raise ConfigError(f"registry: {self.name} has no version {number}")
 
-    def move(self, alias: str, version: RegistryVersion, verdict: Verdict, how: str = "promote") -> None:
+    def move(self, alias: str, version: RegistryVersion, verdict: Verdict, how: str = "promote",
+             flow_run_id: str | None = None, comment: str | None = None) -> AliasMove | None:
+        """Point `alias` at `version`; None when it already pointed there."""
         previous = self.aliases.get(alias)
         if previous == version.version:
-            return
+            return None
         if previous is not None and how == "promote":
             self.alias_history.setdefault(alias, []).append(previous)
         self.aliases[alias] = version.version
-        self.alias_moves.setdefault(alias, []).append(
-            AliasMove(version=version.version, verdict=verdict.number, when=_now(), how=how)
-        )
+        move = AliasMove(version=version.version, verdict=verdict.number, when=_now(), how=how, previous=previous,
+                         flow_run_id=flow_run_id, comment=comment)
+        self.alias_moves.setdefault(alias, []).append(move)
+        return move
+
+    def champion(self, alias: str, candidate: RegistryVersion, offered: Champion | None) -> Champion | None:
+        """The version `alias` points at as the candidate's rival: `offered` when the caller evaluated
+        that very version on the candidate's test split; else its recorded metrics when it was
+        evaluated on the same data with the same base model (the same split); else unavailable."""
+        number = self.aliases.get(alias)
+        if number is None:
+            return None
+        if offered is not None and offered.version == number:
+            return offered
+        held = self.get(number)
+        for field, what in (("dataset_fingerprint", "other data"), ("model_identity", "another base model")):
+            if held.card.get(field) is None or held.card.get(field) != candidate.card.get(field):
+                return Champion(version=number, unavailable=f"its record is of {what} ({field} differs or is unknown) "
+                                                            "and it was not evaluated on this run's test split")
+        return Champion(version=number, metrics=held.passing_verdict().metrics)
 
 
 def _now() -> str:
@@ -181,11 +213,25 @@ class Registry:
         gates: dict[str, float] | None = None,
         alias: str | None = None,
         flow_run_id: str | None = None,
+        promotion: PromotionRequest | None = None,
     ) -> tuple[RegistryVersion, str]:
         """Find or add the version of `key` from `adapter_dir`, record this evaluation's verdict on
-        it, and point `alias` at it when that verdict passed, all under one lock. Returns the version
-        and `created`, `found` or `restored` (its folder was missing or incomplete and was copied
+        it, and point `alias` at it when `promotion`'s rule says so (default: when the verdict
+        passed), all under one lock and one index write. Returns the version (its `decision` says
+        why) and `created`, `found` or `restored` (its folder was missing or incomplete and was copied
         again from `adapter_dir`, which holds the registered bytes)."""
+        version, outcome, _ = self.register_and_promote(name, adapter_dir, key, card, metrics, passed, gates, alias,
+                                                        flow_run_id, promotion)
+        return version, outcome
+
+    def register_and_promote(
+        self, name: str, adapter_dir: str | Path, key: str, card: dict[str, Any], metrics: dict[str, Any],
+        passed: bool, gates: dict[str, float] | None = None, alias: str | None = None,
+        flow_run_id: str | None = None, promotion: PromotionRequest | None = None,
+    ) -> tuple[RegistryVersion, str, AliasMove | None]:
+        """`register`, also returning the alias move it made (None: the alias stayed), which is
+        what says whether to announce a promotion. The alias is decided on only when it points
+        elsewhere: a version it already names keeps its earlier decision."""
         adapter_dir = Path(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ConfigError(f"registry: {adapter_dir} holds no adapter (adapter_config.json missing)")
@@ -211,9 +257,15 @@ class Registry:
                 version.adapter_fingerprint = fingerprint
                 outcome = "restored"
             verdict = version.record(gates, passed, metrics, flow_run_id)
-            if alias is not None and verdict.passed:
-                index.move(alias, version, verdict)
-            return version, outcome
+            move = None
+            if alias is not None and index.aliases.get(alias) != version.version:
+                request = promotion or PromotionRequest()
+                verdict.promotion = decide(request, alias, verdict.passed, metrics,
+                                           index.champion(alias, version, request.champion))
+                if verdict.promotion.promote:
+                    move = index.move(alias, version, verdict, flow_run_id=flow_run_id,
+                                      comment=verdict.promotion.reason)
+            return version, outcome, move
 
     def _freeze(self, version: RegistryVersion, adapter_dir: Path) -> None:
         """Copy the adapter and its card into `v<N>/` through a staging folder, so `v<N>` is whole or absent."""
@@ -245,22 +297,40 @@ class Registry:
                 return f"holds {relative} of {file.stat().st_size} bytes, not the {size} registered"
         return None
 
-    def promote(self, name: str, version: int, alias: str) -> None:
-        """Point `alias` (e.g. `production`, `best`) at `version`, remembering the previous target.
-        Only a version with a passing verdict can be promoted."""
+    def promote(self, name: str, version: int, alias: str, flow_run_id: str | None = None,
+                comment: str | None = None) -> AliasMove | None:
+        """Point `alias` (e.g. `production`, `best`) at `version` by hand, remembering the previous
+        target; None when it already pointed there. Only a version with a passing verdict can be promoted."""
         with self._locked(name) as index:
             target = index.get(version)
-            index.move(alias, target, target.passing_verdict())
+            return index.move(alias, target, target.passing_verdict(), flow_run_id=flow_run_id, comment=comment)
 
-    def rollback(self, name: str, alias: str) -> int:
-        """Move `alias` back to the version it pointed at before the last promotion."""
+    def rollback(self, name: str, alias: str, flow_run_id: str | None = None,
+                 comment: str | None = None) -> AliasMove | None:
+        """Move `alias` back to the version it pointed at before the last promotion; the move says where."""
         with self._locked(name) as index:
             history = index.alias_history.get(alias) or []
             if not history:
                 raise ConfigError(f"registry: alias {alias!r} of {name} has no earlier version to roll back to")
             target = index.get(history.pop())
-            index.move(alias, target, target.passing_verdict(), how="rollback")
-            return target.version
+            return index.move(alias, target, target.passing_verdict(), how="rollback", flow_run_id=flow_run_id,
+                              comment=comment)
+
+    def describe(self, action: str, name: str | None, first: str | None = None, second: str | None = None) -> str:
+        """What the registry flow prints: every name (`list` without one), a name's versions (`list`),
+        a version (`show`, and after `promote`/`rollback` the version the alias now names), or a diff."""
+        if name is None:
+            return "\n".join(self.names()) or f"{self.root}: no registry names yet"
+        index = self._read(name)
+        if action == "list":
+            return list_text(index)
+        if action == "diff":
+            return diff_text(self.resolve(name, first), self.resolve(name, second))
+        return show_text(index, self.resolve(name, first))
+
+    def names(self) -> list[str]:
+        """Every registry name under the root."""
+        return sorted(p.parent.name for p in self.root.glob("*/index.json")) if self.root.is_dir() else []
 
     def resolve(self, name: str, alias_or_version: str | int) -> RegistryVersion:
         """The version an alias or number names, after checking its folder is whole."""
@@ -275,3 +345,71 @@ class Registry:
                 "produced it to restore it from their adapter, or point the alias elsewhere (rollback)"
             )
         return version
+
+
+class RegistryReport(BaseModel):
+    """What the `registry` flow returns: the action's text and the alias move it made, if any."""
+
+    action: str
+    name: str | None
+    output: str
+    move: AliasMove | None = None
+
+    def text(self) -> str:
+        return self.output
+
+
+def _metrics_text(metrics: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)) or "no metrics"
+
+
+def list_text(index: RegistryIndex) -> str:
+    """One line per version, newest first, with the aliases that point at it."""
+    named: dict[int, list[str]] = {}
+    for alias, number in index.aliases.items():
+        named.setdefault(number, []).append(alias)
+    lines = [f"{index.name}: {len(index.versions)} version(s)"]
+    for version in reversed(index.versions):
+        aliases = f"  <- {', '.join(sorted(named[version.version]))}" if version.version in named else ""
+        verdict = "passed" if version.passed else "failed"
+        lines.append(f"  v{version.version}  {verdict:<6}  {_metrics_text(version.metrics)}  {version.created[:19]}{aliases}")
+    return "\n".join(lines)
+
+
+def show_text(index: RegistryIndex, version: RegistryVersion) -> str:
+    """A version's card, verdicts and promotion decisions, and every move of an alias to it."""
+    lines = [f"{version.name} v{version.version}  {version.path}",
+             f"  base model {version.card.get('base_model', '?')}, task {version.card.get('task', '?')}, "
+             f"registered {version.created[:19]}, key {version.key[:16]}"]
+    for verdict in version.verdicts:
+        lines.append(f"  verdict {verdict.number}: {'passed' if verdict.passed else 'failed'} gates {verdict.gates}  "
+                     f"{_metrics_text(verdict.metrics)}")
+        if verdict.promotion is not None:
+            lines.append(f"    {verdict.promotion.alias}: {'promoted' if verdict.promotion.promote else 'not promoted'}"
+                         f" ({verdict.promotion.rule}): {verdict.promotion.reason}")
+    for alias, moves in index.alias_moves.items():
+        for move in moves:
+            if move.version == version.version:
+                by = f" by flow run {move.flow_run_id}" if move.flow_run_id else ""
+                note = f": {move.comment}" if move.comment else ""
+                lines.append(f"  {alias} {move.how} {move.when[:19]} from v{move.previous}{by}{note}")
+    return "\n".join(lines)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flat(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def diff_text(a: RegistryVersion, b: RegistryVersion) -> str:
+    """The metrics of two versions side by side, and every card setting that differs between them."""
+    lines = [f"{a.name}: v{a.version} -> v{b.version}", "  metric          a          b      delta"]
+    for metric in dict.fromkeys([*a.metrics, *b.metrics]):
+        left, right = a.metrics.get(metric), b.metrics.get(metric)
+        if isinstance(left, (int, float)) and isinstance(right, (int, float)):
+            lines.append(f"  {metric:<12} {left:>10.4f} {right:>10.4f} {right - left:>+10.4f}")
+    card_a, card_b = _flat(a.card), _flat(b.card)
+    changed = [key for key in dict.fromkeys([*card_a, *card_b]) if card_a.get(key) != card_b.get(key)]
+    lines += [f"  {key}: {card_a.get(key)!r} -> {card_b.get(key)!r}" for key in changed] or ["  same settings"]
+    return "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -12,6 +13,7 @@ from pydantic import BaseModel, Field
 from loraflow.errors import LoraflowError
 from loraflow.gates import GateVerdict
 from loraflow.layout import atomic_write_json, atomic_write_text
+from loraflow.promotion import PromotionDecision
 
 
 class RunResult(BaseModel):
@@ -36,10 +38,16 @@ class RunResult(BaseModel):
     train: dict[str, Any] = Field(default_factory=dict)
     paths: dict[str, str] = Field(default_factory=dict)
     flow_run_id: str | None = None
+    promotion: PromotionDecision | None = None  # None: not registered
 
     @property
     def failed_gates(self) -> list[GateVerdict]:
-        return [gate for gate in self.gates.values() if not gate.passed]
+        """The failed critical gates: what failed the run (failed warning gates are only reported)."""
+        return failed_critical(self.gates.values())
+
+
+def failed_critical(gates: Iterable[GateVerdict]) -> list[GateVerdict]:
+    return [gate for gate in gates if not gate.passed and gate.severity == "critical"]
 
 
 def write_result(result: BaseModel, path: str | Path) -> Path:
@@ -53,8 +61,21 @@ def _fmt(value: Any) -> str:
 
 def gate_line(gate: GateVerdict) -> str:
     comparison = ">=" if gate.higher_is_better else "<="
-    verdict = "pass" if gate.passed else "FAIL"
-    return f"{gate.metric} {_fmt(gate.value)} {comparison} {gate.threshold} {verdict}"
+    return f"{gate.metric} {_fmt(gate.value)} {comparison} {gate.threshold} {gate_verdict(gate)}"
+
+
+def gate_verdict(gate: GateVerdict, strong: str = "") -> str:
+    """`pass`, `FAIL` or `WARN` (a failed warning gate), with the severity and profile where they are
+    not the inline critical default: `WARN (warning, profile staging)`. `strong` wraps a FAIL (`**`)."""
+    verdict = "pass" if gate.passed else (f"{strong}FAIL{strong}" if gate.severity == "critical" else "WARN")
+    notes = [gate.severity] if gate.severity != "critical" else []
+    notes += [f"profile {gate.profile}"] if gate.profile else []
+    return f"{verdict} ({', '.join(notes)})" if notes else verdict
+
+
+def promotion_line(decision: PromotionDecision, version: int | None) -> str:
+    moved = f"-> v{version}" if decision.promote else "not moved"
+    return f"{decision.alias} {moved} (promote_if: {decision.rule}): {decision.reason}"
 
 
 def failure_message(result: RunResult) -> str:
@@ -75,6 +96,8 @@ def summary_text(result: RunResult) -> str:
     lines.append(f"  adapter:  {result.adapter_path}")
     if result.registry_version is not None:
         lines.append(f"  registry: {result.name} v{result.registry_version}")
+    if result.promotion is not None:
+        lines.append(f"  promotion: {promotion_line(result.promotion, result.registry_version)}")
     lines.append(f"  result:   {result.paths.get('result', '')}")
     if result.paths.get("report"):
         lines.append(f"  report:   {result.paths['report']}")
@@ -87,7 +110,7 @@ def summary_markdown(result: RunResult) -> str:
         for metric, value in scalar_metrics(result.metrics).items()
     ]
     gates = [f"| {g.metric} | {'>=' if g.higher_is_better else '<='} {g.threshold} | {_fmt(g.value)} | "
-             f"{'pass' if g.passed else '**FAIL**'} |" for g in result.gates.values()]
+             f"{gate_verdict(g, strong='**')} |" for g in result.gates.values()]
     timings = [f"| {stage} | {seconds:.1f} | {'yes' if result.cached.get(stage) else 'no'} |"
                for stage, seconds in result.timings.items()]
     return "\n".join([
@@ -101,6 +124,8 @@ def summary_markdown(result: RunResult) -> str:
         "",
         f"Adapter: `{result.adapter_path}`  ",
         f"Registry version: {result.registry_version}  ",
+        *(["", f"Promotion: {promotion_line(result.promotion, result.registry_version)}", "",
+           result.promotion.table(), ""] if result.promotion else []),
         f"Result file: `{result.paths.get('result', '')}`",
         *report_links(result.paths),
     ])
@@ -167,7 +192,7 @@ class RunOutcome(BaseModel):
     def reason(self) -> str:
         """Why it failed, in one line."""
         if self.status == "failed_gates":
-            return "quality gates failed: " + "; ".join(gate_line(g) for g in self.gates.values() if not g.passed)
+            return "quality gates failed: " + "; ".join(gate_line(g) for g in failed_critical(self.gates.values()))
         return self.error or self.status
 
 
@@ -203,7 +228,7 @@ def outcome_table(outcomes: list[RunOutcome]) -> list[dict[str, Any]]:
         row.update({key: outcome.metrics.get(key) for key in columns["metrics"]})
         for key in columns["gates"]:
             gate = outcome.gates.get(key)
-            row[f"gate {key}"] = None if gate is None else ("pass" if gate.passed else "FAIL")
+            row[f"gate {key}"] = None if gate is None else gate_verdict(gate)
         row.update(seconds=outcome.seconds, adapter=outcome.adapter_path,
                    registry_version=outcome.registry_version, error=outcome.error)
         rows.append(row)

@@ -8,6 +8,7 @@ as related resources. Event names:
     loraflow.model.trained      version = resolved-config fingerprint
     loraflow.gates.passed / loraflow.gates.failed   version = registry version
     loraflow.model.registered   version = registry version
+    loraflow.model.promoted / loraflow.model.rolled-back   version = the version the alias now names
 
 An automation matching `loraflow.dataset.updated` (see prefect.yaml) goes the other way:
 it starts `single` on the dataset path the event carries.
@@ -21,7 +22,7 @@ from prefect.events import Event, emit_event
 
 from loraflow.data.prepare import PreparedDataset
 from loraflow.plan import ResolvedConfig
-from loraflow.registry import RegistryVersion
+from loraflow.registry import AliasMove, RegistryVersion
 from loraflow.report import RunResult, scalar_metrics
 from loraflow.train.request import TrainResult
 
@@ -66,4 +67,12 @@ def model_registered(version: RegistryVersion) -> Event | None:
     return emit(
         "model.registered", version.name, version.version, {"registry": version.path},
         {"passed": version.passed, "metrics": version.metrics, "key": version.key},
+    )
+
+
+def alias_moved(version: RegistryVersion, alias: str, move: AliasMove) -> Event | None:
+    """An alias moved, by a run's promotion rule or by hand: where from, who moved it and why."""
+    return emit(
+        "model.promoted" if move.how == "promote" else "model.rolled-back", version.name, version.version,
+        {"registry": version.path}, {"alias": alias, **move.model_dump()},
     )

@@ -168,7 +168,7 @@ def test_setup_creates_pools_limits_blocks_and_deployments(stack):
     assert train["work_pool_name"] == "loraflow-gpu"
     single = httpx.get(f"{api}/deployments/name/single/loraflow").json()
     assert single["work_pool_name"] == "loraflow-cpu" and "loraflow" in single["tags"]
-    for name in ("batch/loraflow", "variations/loraflow"):
+    for name in ("batch/loraflow", "variations/loraflow", "registry/loraflow"):
         assert httpx.get(f"{api}/deployments/name/{name}").json()["work_pool_name"] == "loraflow-cpu"
     assert single["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
     assert [schedule["active"] for schedule in single["schedules"]] == [False]  # the example schedule is paused

@@ -4,6 +4,7 @@ keeps the baseline."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import stat
 from pathlib import Path
@@ -51,3 +52,26 @@ def test_a_change_of_lora_settings_keeps_the_baseline(prefect_server, tmp_path):
     result = second.result()
     assert result.cached["baseline"] is True and result.cached["train"] is False
     assert result.baseline == first.result().baseline
+
+
+def test_a_worse_second_run_is_registered_but_does_not_take_production(prefect_server, tmp_path):
+    first = single(classification_params(tmp_path), return_state=True)
+    assert first.is_completed(), first.message
+    gates_file = tmp_path / "gates.yaml"
+    gates_file.write_text("profiles:\n  staging:\n    accuracy: 0.0\n"
+                          "    f1_macro: {threshold: 0.99, severity: warning}\n")
+    barely_trained = classification_params(tmp_path, gates={}, gates_file=str(gates_file), gate_profile="staging",
+                                           overrides={**ONE_EPOCH, "learning_rate": 1e-7})
+    second = single(barely_trained, return_state=True)
+    assert second.is_completed(), second.message  # the failed warning gate does not fail the run
+    result = second.result()
+    assert (result.registry_version, Registry(barely_trained.registry_root).index("reviews").aliases["production"]) \
+        == (2, 1)
+    assert not result.promotion.promote and result.promotion.champion == 1
+    assert result.promotion.reason.startswith("not better than production v1 by 0.0: accuracy -")
+    row = result.promotion.comparison[0]
+    assert (row.metric, row.champion, row.candidate) == ("accuracy", first.result().metrics["accuracy"],
+                                                         result.metrics["accuracy"])
+    on_disk = json.loads(Path(result.paths["result"]).read_text())
+    assert on_disk["gates"]["f1_macro"]["severity"] == "warning" and on_disk["gates"]["f1_macro"]["profile"] == "staging"
+    assert on_disk["promotion"]["reason"] == result.promotion.reason

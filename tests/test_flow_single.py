@@ -69,7 +69,7 @@ def test_classification_trains_evaluates_and_registers(first_and_second_run):
     assert set(result.metrics) >= {"accuracy", "f1_macro", "precision", "recall", "confusion_matrix"}
     assert on_disk["gates"]["accuracy"] == {
         "metric": "accuracy", "threshold": 0.8, "value": result.metrics["accuracy"],
-        "higher_is_better": True, "passed": True,
+        "higher_is_better": True, "passed": True, "severity": "critical", "profile": None,
     }
     for name in ("adapter_model.safetensors", "adapter_config.json", "label_map.json", "tokenizer.json"):
         assert (root / "model" / name).is_file(), name

@@ -49,7 +49,7 @@ def test_promote_and_rollback(tmp_path):
         version, _ = registry.register("n", adapter, key, {}, {}, True)
         registry.promote("n", version.version, "production")
     assert registry.resolve("n", "production").version == 2
-    assert registry.rollback("n", "production") == 1
+    assert registry.rollback("n", "production").version == 1
     assert registry.resolve("n", "production").version == 1
     with pytest.raises(ConfigError, match="no earlier version"):
         registry.rollback("n", "production")
@@ -206,3 +206,110 @@ def test_concurrent_promotions_and_rollbacks_lose_no_history_and_readers_see_who
     promotions, rollbacks = 3 * 8, 3 * 4
     assert len(index.alias_history["production"]) == promotions - rollbacks
     assert index.aliases["production"] in range(1, 26)
+
+
+CARD = {"dataset_fingerprint": "data-1", "model_identity": "minilm"}
+
+
+def _better(metrics, **extra):
+    """The request of a run with one accuracy gate under `promote_if: better`."""
+    from loraflow.gates import check_gates
+    from loraflow.promotion import PromotionRequest
+
+    return PromotionRequest(rule="better", verdicts=check_gates(metrics, {"accuracy": 0.1}),
+                            baseline={"accuracy": 0.2}, **extra)
+
+
+def _register_candidates(root, adapter, worker, accuracies):
+    registry = Registry(root)
+    for i, accuracy in enumerate(accuracies):
+        metrics = {"accuracy": accuracy}
+        registry.register("shared", adapter, f"{worker}-{i}", CARD, metrics, True, {"accuracy": 0.1}, "production",
+                          promotion=_better(metrics))
+
+
+def test_concurrent_promotions_under_better_end_with_the_best_and_every_move_an_improvement(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    registry.register("shared", adapter, "champion", CARD, {"accuracy": 0.5}, True, alias="production")
+    accuracies = [[0.61, 0.93, 0.70], [0.88, 0.64, 0.97], [0.72, 0.95, 0.66], [0.90, 0.69, 0.81]]
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_register_candidates, args=(tmp_path / "reg", adapter, w, values))
+               for w, values in enumerate(accuracies)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+        assert worker.exitcode == 0
+    index = registry.index("shared")
+    by_version = {v.version: v.metrics["accuracy"] for v in index.versions}
+    assert len(by_version) == 13
+    assert by_version[index.aliases["production"]] == 0.97  # the one winner the rule picks, whatever the order
+    moved = [by_version[move.version] for move in index.alias_moves["production"]]
+    assert moved == sorted(moved) and len(set(moved)) == len(moved), "every move beat the version it replaced"
+    for version in index.versions[1:]:
+        decision = version.decision
+        assert decision.rule == "better" and decision.champion is not None
+        assert decision.promote == (version.version in {m.version for m in index.alias_moves["production"]})
+
+
+def _crash_while_writing_the_index(root, adapter):
+    """Die the way a killed process does, at the rename that commits the index."""
+    os.replace = lambda *args: os._exit(3)
+    metrics = {"accuracy": 0.9}
+    Registry(root).register("n", adapter, "k2", CARD, metrics, True, {"accuracy": 0.1}, "production",
+                            promotion=_better(metrics))
+
+
+def test_a_crash_between_registering_and_moving_the_alias_leaves_both_undone(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    registry.register("n", adapter, "k1", CARD, {"accuracy": 0.5}, True, alias="production")
+    before = (tmp_path / "reg" / "n" / "index.json").read_text()
+    child = multiprocessing.get_context("spawn").Process(target=_crash_while_writing_the_index,
+                                                          args=(tmp_path / "reg", adapter))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 3
+    assert (tmp_path / "reg" / "n" / "index.json").read_text() == before  # alias where it was, no half version
+    assert registry.resolve("n", "production").version == 1
+    metrics = {"accuracy": 0.9}
+    version, outcome = registry.register("n", adapter, "k2", CARD, metrics, True, {"accuracy": 0.1}, "production",
+                                         promotion=_better(metrics))
+    assert (outcome, version.version, registry.index("n").aliases["production"]) == ("created", 2, 2)
+    assert version.decision.reason == "better than production v1: accuracy +0.4000"
+
+
+def test_a_champion_of_other_data_blocks_better_unless_evaluated_on_this_split(tmp_path):
+    from loraflow.promotion import Champion
+
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    registry.register("n", adapter, "k1", {**CARD, "dataset_fingerprint": "old"}, {"accuracy": 0.5}, True,
+                      alias="production")
+    metrics = {"accuracy": 0.9}
+    held, _ = registry.register("n", adapter, "k2", CARD, metrics, True, alias="production",
+                                promotion=_better(metrics))
+    assert not held.decision.promote and "production v1 cannot be evaluated: its record is of other data" in \
+        held.decision.reason
+    offered = Champion(version=1, metrics={"accuracy": 0.6})
+    taken, _ = registry.register("n", adapter, "k3", CARD, metrics, True, alias="production",
+                                 promotion=_better(metrics, champion=offered))
+    assert taken.decision.promote and registry.index("n").aliases["production"] == 3
+    move = registry.index("n").alias_moves["production"][-1]
+    assert (move.previous, move.comment) == (1, "better than production v1: accuracy +0.3000")
+
+
+def test_manual_moves_record_who_and_why(tmp_path):
+    registry = Registry(tmp_path / "reg")
+    adapter = _adapter(tmp_path / "a")
+    for key in ("k1", "k2"):
+        registry.register("n", adapter, key, {}, {}, True)
+    registry.promote("n", 1, "production", flow_run_id="run-1")
+    move = registry.promote("n", 2, "production", flow_run_id="run-2", comment="hotfix")
+    assert (move.version, move.previous, move.flow_run_id, move.comment) == (2, 1, "run-2", "hotfix")
+    assert registry.promote("n", 2, "production") is None
+    registry.rollback("n", "production", flow_run_id="run-3", comment="bad answers")
+    last = registry.index("n").alias_moves["production"][-1]
+    assert (last.how, last.version, last.previous, last.comment) == ("rollback", 1, 2, "bad answers")
+    assert registry.names() == ["n"]
