@@ -148,6 +148,8 @@ def _train_once(
 
     set_seed(request.seed)  # before loading: the classifier head and LoRA weights are initialised here
     tokenizer = load_tokenizer(request.model_path)
+    if request.chat_template is not None:  # inference then renders conversations as training did
+        tokenizer.chat_template = request.chat_template
     model = _peft_model(request, plan)
     stopper = _StopWhenAsked(should_stop)
     trainer = Trainer(
