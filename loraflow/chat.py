@@ -13,6 +13,7 @@ so the parameter check can refuse a model without one before any work starts.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import re
@@ -212,13 +213,30 @@ def resolve_chat_template(model_path: str, chat_template: str | None) -> str:
     return own
 
 
+def training_template(tokenizer: Any, template: str) -> str:
+    """The template conversations are tokenised and masked with: `template` when it has
+    `{% generation %}` markers (the shipped `chatml`); else TRL's training version of a model template
+    it knows (Llama 3, Qwen 2.5/3, Gemma, Phi, DeepSeek ...: the same text, with markers, and thinking
+    templates made prefix-preserving); else `template` itself, masked by prefix rendering."""
+    if _GENERATION_MARKER.search(template):
+        return template
+    from trl.chat_template_utils import get_training_chat_template  # ~5 s to import: only for such templates
+
+    probe = copy.copy(tokenizer)  # TRL reads the template off the tokenizer; the shared one stays as it is
+    probe.chat_template = template
+    try:
+        return get_training_chat_template(probe) or template
+    except ValueError:  # a template TRL has no training version of
+        return template
+
+
 def assistant_spans(tokenizer: Any, messages: list[dict[str, str]], template: str) -> tuple[list[int], list[range]]:
     """The templated conversation's token ids and, per assistant turn, the token positions it spans
-    (its end-of-turn token included).
+    (its end-of-turn token included); `template` as `training_template` gives it.
 
-    A template with `{% generation %}` markers (the shipped `chatml`) gets transformers' own assistant
-    mask. Most models' own templates have none; for them each turn's characters are found by rendering
-    the conversation up to the turn (with the generation prompt) and up to its end, which is exact for
+    A template with `{% generation %}` markers gets transformers' own assistant mask. For one without
+    (a model template TRL does not know), each turn's characters are found by rendering the
+    conversation up to the turn (with the generation prompt) and up to its end, which is exact for
     any template whose renderings of a conversation's prefixes are prefixes of its rendering.
     """
     render = tokenizer.apply_chat_template

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from transformers import AutoTokenizer
+from trl.chat_template_utils import qwen2_5_chat_template
 
 from loraflow.chat import CHATML, resolve_chat_template
 from loraflow.chat_eval import GenerationEval
@@ -125,7 +126,8 @@ def tokenize_chat(tmp_path: Path, model: str, rows: list, template: str, train_o
 
 
 def learned_text(tokenizer, row: dict) -> list[str]:
-    """The unmasked label tokens, decoded run by run."""
+    """The unmasked label tokens, decoded run by run, without the newlines a template may put around a turn
+    (TRL's training templates count the one after `assistant` as the turn's)."""
     runs, current = [], []
     for token in row["labels"]:
         if token == IGNORE_INDEX:
@@ -134,7 +136,7 @@ def learned_text(tokenizer, row: dict) -> list[str]:
             current = []
         else:
             current.append(token)
-    return [tokenizer.decode(run) for run in runs + ([current] if current else [])]
+    return [tokenizer.decode(run).strip("\n") for run in runs + ([current] if current else [])]
 
 
 TWO_TURNS = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"the {w} cat?"},
@@ -144,7 +146,8 @@ TWO_TURNS = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "
 NO_MARKERS = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 
 
-@pytest.mark.parametrize("template", [CHATML, NO_MARKERS], ids=["generation-markers", "prefix-rendering"])
+@pytest.mark.parametrize("template", [CHATML, NO_MARKERS, qwen2_5_chat_template],
+                         ids=["generation-markers", "prefix-rendering", "trl-training-template"])
 def test_labels_are_exactly_the_assistant_turns_with_their_end_of_turn(tmp_path, chat_model, template):
     tokenizer = load_tokenizer(chat_model)
     for train_on, expected in (("assistant", ["sat on the {w} mat.<|im_end|>", "the {w} dog sat.<|im_end|>"]),

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from loraflow.chat import assistant_spans
+from loraflow.chat import assistant_spans, training_template
 from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
 from loraflow.errors import DataError
 from loraflow.fingerprint import hash_json
@@ -312,7 +312,7 @@ def _chat(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Sh
     `max_length` is left out whole (cutting it would train on a turn with its end cut off)."""
     if shard.chat is None:
         raise DataError(f"{shard.source}: a chat shard needs its chat template (Shard.chat)")
-    template, train_on = shard.chat.template, shard.chat.train_on
+    template, train_on = training_template(tokenizer, shard.chat.template), shard.chat.train_on
     input_ids, labels, rejects = [], [], []
     for row, messages in zip(rows, _field(rows, "messages", shard)):
         ids, spans = assistant_spans(tokenizer, messages, template)
