@@ -21,6 +21,8 @@ import unicodedata
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pydantic import BaseModel
+
 from loraflow.errors import ConfigError, DataError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -45,6 +47,14 @@ CHATML = (
 NAMED_TEMPLATES: dict[str, str] = {"chatml": CHATML}
 _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 TRAIN_ON = ("assistant", "last", "all")
+
+
+class ChatEncoding(BaseModel):
+    """How a chat run renders and masks conversations: the template's Jinja text (resolved once, in
+    the parameter check) and which turns the loss is on (`train_on`)."""
+
+    template: str
+    train_on: str = "assistant"
 
 
 class BadConversation(ValueError):

@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.task_runners import TaskRunner
 
+from loraflow.chat import ChatEncoding
 from loraflow.config import DatasetSpec
 from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
 from loraflow.data.tokenize import (
@@ -108,10 +109,11 @@ def tokenize_dataset(
     shard_size: int,
     out_dir: Path,
     result_storage: Path,
+    chat: ChatEncoding | None = None,
 ) -> tuple[dict[str, list[str]], bool]:
     """Map shard tokenisation over the flow's task runner (Dask); returns parquet paths per split and
     whether every shard was served from cache."""
-    shards = plan_shards(prepared, shard_size)
+    shards = plan_shards(prepared, shard_size, chat)
     get_run_logger().info(f"tokenising {sum(s.stop - s.start for s in shards)} rows in {len(shards)} shards")
     futures = tokenize_shard_task.with_options(result_storage=result_storage).map(
         shards, tokenizer_path=unmapped(tokenizer_path), task=unmapped(task), max_length=max_length, out_dir=out_dir
@@ -121,5 +123,5 @@ def tokenize_dataset(
     paths = [state.result() for state in states]
     rejects_path, rejected = collect_rejects(prepared, paths, max_length)
     if rejects_path:
-        get_run_logger().warning(f"{rejected} rows left out: their prompt fills max_length={max_length}; see {rejects_path}")
+        get_run_logger().warning(f"{rejected} rows left out: too long for max_length={max_length}; see {rejects_path}")
     return shard_paths_by_split(paths), all(state.name == "Cached" for state in states)

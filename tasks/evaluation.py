@@ -18,7 +18,7 @@ def _evaluate_key(context, parameters) -> str:
     # The baseline has no adapter: only what changes the bare model's scores keys it, not LoRA settings.
     settings = config.settings
     baseline = [config.model_identity, config.task, config.labels, settings.eval_batch_size, config.seed,
-                settings.max_length]
+                settings.max_length, config.generation.model_dump() if config.generation else None]
     return fingerprint_key(
         "evaluate",
         config.fingerprint if parameters["adapter_dir"] else baseline,
@@ -37,7 +37,8 @@ def evaluate_task(config: ResolvedConfig, test_shards: list[str], adapter_dir: s
     with lease_devices(1, what, log=get_run_logger().info) as lease:
         metrics = run_model_work(
             "loraflow.evaluate:evaluate_model", config.model, config.task, config.labels, test_shards, adapter_dir,
-            eval_batch_size=config.settings.eval_batch_size, seed=config.seed, lease=lease,
+            eval_batch_size=config.settings.eval_batch_size, seed=config.seed, generation=config.generation,
+            lease=lease,
         )
     atomic_write_json(out_path, metrics)
     scalars = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}

@@ -43,7 +43,7 @@ def tokenize_stage(stages: StageRecorder, plan: RunPlan, prepared: PreparedDatas
         tokenize = tokenize_dataset.with_options(task_runner=shard_runner(plan, prepared, max_length))
         shards, stage.cached = tokenize(
             prepared, plan.model_path, params.task, max_length, params.shard_size, tokens_dir(plan),
-            stages.result_storage,
+            stages.result_storage, plan.chat,
         )
     return shards
 
@@ -59,7 +59,7 @@ def shard_runner(plan: RunPlan, prepared: PreparedDataset, max_length: int) -> T
 
 def expected_shards(plan: RunPlan, prepared: PreparedDataset, max_length: int) -> dict[str, list[str]]:
     """The shard paths tokenisation will return, without tokenising (file names are content hashes)."""
-    shards = plan_shards(prepared, plan.params.shard_size)
+    shards = plan_shards(prepared, plan.params.shard_size, plan.chat)
     names = [shard_file_name(shard, plan.model_path, plan.params.task, max_length) for shard in shards]
     return shard_paths_by_split([str(tokens_dir(plan) / name) for name in names])
 
@@ -70,5 +70,5 @@ def train_request(plan: RunPlan, config: ResolvedConfig, shards: dict[str, list[
         model_path=plan.model_path, task=plan.params.task, settings=config.settings, labels=config.labels,
         train_shards=shards["train"], eval_shards=shards.get("validation", []),
         checkpoint_dir=str(layout.checkpoints), adapter_dir=str(layout.model), logs_dir=str(layout.logs),
-        seed=plan.params.seed, processes=config.processes,
+        seed=plan.params.seed, processes=config.processes, chat_template=plan.chat.template if plan.chat else None,
     )

@@ -82,7 +82,7 @@ def plan_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> tuple[PlannedDa
         hits = [
             probe.lookup(tokenize_shard_task, shard=shard, tokenizer_path=plan.model_path, task=params.task,
                          max_length=length, out_dir=tokens_dir(plan))
-            for shard in plan_shards(prepared, params.shard_size)
+            for shard in plan_shards(prepared, params.shard_size, plan.chat)
         ]
         status[tokenize_stage_name(plan, length)] = WILL_RUN if None in hits else CACHED
     test_shards = expected_shards(plan, prepared, config.settings.max_length)["test"]

@@ -11,13 +11,12 @@ import pytest
 from transformers import AutoTokenizer
 from trl.chat_template_utils import qwen2_5_chat_template
 
-from loraflow.chat import CHATML, resolve_chat_template
+from loraflow.chat import CHATML, ChatEncoding, resolve_chat_template
 from loraflow.chat_eval import GenerationEval
 from loraflow.config import DatasetSpec, SingleParams
 from loraflow.data.prepare import prepare_dataset
 from loraflow.data.tokenize import (
     IGNORE_INDEX,
-    ChatEncoding,
     collect_rejects,
     load_tokenizer,
     plan_shards,

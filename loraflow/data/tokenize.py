@@ -30,21 +30,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from loraflow.chat import assistant_spans, training_template
+from loraflow.chat import ChatEncoding, assistant_spans, training_template
 from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
 from loraflow.errors import DataError
 from loraflow.fingerprint import hash_json
 from loraflow.layout import atomic_write_bytes, atomic_write_jsonl, read_jsonl
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss default)
-
-
-class ChatEncoding(BaseModel):
-    """How a chat run renders and masks conversations: the template's Jinja text (resolved once, in
-    the parameter check) and which turns the loss is on (`train_on`)."""
-
-    template: str
-    train_on: str = "assistant"
 
 
 class Shard(BaseModel):

@@ -1,0 +1,55 @@
+"""`task: chat` through the `single` flow: a messages JSONL on a tiny local Llama with a template it
+never had (`chatml`), scored against the base model by perplexity, exact match and ROUGE-L."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from flows.single import single
+from loraflow.chat import CHATML
+from loraflow.config import SingleParams
+from loraflow.errors import ConfigError
+from loraflow.plan import plan_run
+from tests.tiny_models import build_tiny_llama, chat_conversations, tiny_corpus
+
+
+def chat_params(tmp_path: Path, **changes) -> SingleParams:
+    answers = [row["messages"][1]["content"] for row in chat_conversations()]
+    model_dir = build_tiny_llama(tmp_path / "tiny-llama", tiny_corpus() + answers, initializer_range=0.3)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in chat_conversations()))
+    params = {
+        "dataset": {"path": str(data), "test_fraction": 0.2},
+        "task": "chat",
+        "model": model_dir,
+        "chat_template": "chatml",
+        "overrides": {"num_epochs": 12, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 0.02,
+                      "max_length": 96, "save_steps": 1000, "max_new_tokens": 12},
+        "gates": {"rouge_l": 0.3, "perplexity": 1e6},
+        "output_dir": str(tmp_path / "runs"),
+        **changes,
+    }
+    return SingleParams(**params)
+
+
+def test_a_model_without_a_chat_template_is_refused_before_any_work(tmp_path):
+    params = chat_params(tmp_path, chat_template=None)
+    with pytest.raises(ConfigError, match="^chat_template: model 'tiny-llama' has no chat template"):
+        plan_run(params)
+    assert not Path(params.output_dir).exists()
+
+
+def test_chat_on_a_local_tiny_llama(prefect_server, tmp_path):
+    state = single(chat_params(tmp_path), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert {"perplexity", "eval_loss", "exact_match", "rouge_l"} <= set(result.metrics) & set(result.baseline)
+    assert result.metrics["rouge_l"] > result.baseline["rouge_l"] and result.gates["rouge_l"].passed
+    assert result.metrics["perplexity"] < result.baseline["perplexity"]
+    assert AutoTokenizer.from_pretrained(result.adapter_path).chat_template == CHATML
+    samples = [json.loads(line) for line in Path(result.paths["samples"]).read_text().splitlines()]
+    assert samples and all(sample["reference"].startswith("the ") and "generated" in sample for sample in samples)
