@@ -33,6 +33,7 @@ from loraflow.report import RunResult, failure_message, write_result
 from tasks.data import prepare_dataset_task
 from tasks.dispatch import train_stage
 from tasks.evaluation import evaluate_task, samples_task
+from tasks.export import export_merged_task
 from tasks.pipeline import result_storage, tokenize_stage, train_request
 from tasks.plans import plan_single
 from tasks.registry import PROMOTED_ALIAS, register_task
@@ -101,6 +102,8 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
                                  layout.eval / "metrics.json")
             samples = stages.run("samples", samples_task, config, trained.adapter_dir,
                                  data.prepared.sample_prompts_path, layout.samples / "predictions.jsonl")
+            merged = stages.run("export", export_merged_task, config, trained.adapter_dir,
+                                layout.root / "merged") if params.export == "merged" else None
 
         gates = {verdict.metric: verdict for verdict in check_gates(metrics, params.gates)}
         passed = all(gate.passed for gate in gates.values())
@@ -119,7 +122,7 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
             counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
             paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),
                    "samples": samples, "baseline": data.baseline_path, "rejects": data.prepared.rejects_path,
-                   "manifest": data.prepared.manifest_path},
+                   "manifest": data.prepared.manifest_path, **({"merged": merged} if merged else {})},
         )
         write_result(result, layout.result)
         result = report_run(request, result)  # pictures, report.html, trackers

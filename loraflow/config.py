@@ -37,6 +37,7 @@ from loraflow.settings import (
     safe_folder,
     suggest,
 )
+from loraflow.task_table import TASK_TABLE
 
 
 class DatasetSpec(StrictModel):
@@ -161,6 +162,11 @@ class RunSettings(StrictModel):
         description="Chat: tokens the loss is on: every assistant turn with its end-of-turn token, the last "
         "assistant turn only, or all tokens.",
     )
+    export: Literal["adapter", "merged"] = Field(
+        default="adapter",
+        description="`merged` also writes <output_dir>/<name>/merged/: the base model with the adapter merged in "
+        "(safetensors, tokenizer and chat template), loadable by plain AutoModelForCausalLM (causal-LM and chat).",
+    )
     tracking: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers besides loraflow's own files: `tensorboard` (event files in <run>/logs/"
@@ -189,6 +195,12 @@ class RunSettings(StrictModel):
             except ConfigError as error:
                 raise ValueError(str(error).removeprefix("chat_template: ")) from None
         return value
+
+    @model_validator(mode="after")
+    def _merged_export_needs_a_causal_lm(self) -> "RunSettings":
+        if self.export == "merged" and TASK_TABLE[self.task].head != "causal-lm":
+            raise ValueError(f"export: merged needs a causal-LM task (causal-lm, chat), not {self.task!r}")
+        return self
 
     @model_validator(mode="after")
     def _preset_and_overrides_resolve(self) -> "RunSettings":

@@ -8,7 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from transformers import AutoTokenizer
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import qwen2_5_chat_template
 
 from loraflow.chat import CHATML, ChatEncoding, resolve_chat_template
@@ -24,6 +26,7 @@ from loraflow.data.tokenize import (
 )
 from loraflow.errors import ConfigError, DataError
 from loraflow.evaluate import evaluate_model
+from loraflow.export import export_merged
 from loraflow.layout import read_jsonl
 from loraflow.settings import resolve_training_settings
 from loraflow.train.request import TrainRequest
@@ -169,9 +172,10 @@ def test_a_conversation_too_long_after_templating_goes_to_the_tokenize_rejects(t
     assert reject["reason"].startswith("conversation has ") and "more than max_length=80" in reject["reason"]
 
 
-def test_chat_lora_trains_on_the_assistant_turns_and_beats_the_base_at_answering(tmp_path):
-    """A model without a template, given `chatml`: the adapter's tokenizer keeps it, and the adapter
-    answers the held-out questions better than the base (ROUGE-L), with a lower assistant-token loss."""
+@pytest.fixture(scope="module")
+def trained_chat(tmp_path_factory) -> dict:
+    """A chat adapter on a model without a template, given `chatml`: trained once for the tests below."""
+    tmp_path = tmp_path_factory.mktemp("trained-chat")
     answers = [row["messages"][1]["content"] for row in chat_conversations()]
     model_path = build_tiny_llama(tmp_path / "base", CHAT_CORPUS + answers, initializer_range=0.3)
     template = resolve_chat_template(model_path, "chatml")
@@ -189,14 +193,34 @@ def test_chat_lora_trains_on_the_assistant_turns_and_beats_the_base_at_answering
         logs_dir=str(tmp_path / "logs"), chat_template=template,
     )
     adapter_dir = train_adapter(request, log=lambda message: None).adapter_dir
-    assert AutoTokenizer.from_pretrained(adapter_dir).chat_template == template
+    return {"model": model_path, "adapter": adapter_dir, "template": template, "test_rows": prepared.splits["test"],
+            "test_shards": shards["test"], "root": tmp_path}
 
-    generation = GenerationEval(conversations_path=prepared.splits["test"], template=template, max_new_tokens=12,
+
+def test_chat_adapter_keeps_its_template_and_beats_the_base_at_answering(trained_chat):
+    """The adapter's tokenizer keeps `chatml`, and the adapter answers the held-out questions better
+    than the base (ROUGE-L), with a lower loss on the assistant tokens."""
+    template = trained_chat["template"]
+    assert AutoTokenizer.from_pretrained(trained_chat["adapter"]).chat_template == template
+    generation = GenerationEval(conversations_path=trained_chat["test_rows"], template=template, max_new_tokens=12,
                                 max_length=96)
-    base, tuned = (evaluate_model(model_path, "chat", None, shards["test"], adapter, generation=generation)
-                   for adapter in (None, adapter_dir))
+    base, tuned = (evaluate_model(trained_chat["model"], "chat", None, trained_chat["test_shards"], adapter,
+                                  generation=generation) for adapter in (None, trained_chat["adapter"]))
     assert tuned["eval_loss"] < base["eval_loss"] - 1.0, (base["eval_loss"], tuned["eval_loss"])
     assert tuned["rouge_l"] > base["rouge_l"] + 0.3, (base["rouge_l"], tuned["rouge_l"], tuned["generations"][:3])
     assert 0.0 <= base["exact_match"] <= tuned["exact_match"] <= 1.0
     sample = tuned["generations"][0]
     assert sample["prompt"][-1]["role"] == "user" and sample["reference"].startswith("the ")
+
+
+def test_merged_export_loads_plainly_and_gives_the_adapter_s_logits(trained_chat):
+    merged = export_merged(trained_chat["model"], trained_chat["adapter"], trained_chat["root"] / "merged")
+    assert not list(Path(merged).glob("adapter_*")) and list(Path(merged).glob("*.safetensors"))
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    assert tokenizer.chat_template == trained_chat["template"]
+    ids = torch.tensor([tokenizer("<|im_start|>user\nwhere did the red cat sit?")["input_ids"]])
+    with torch.inference_mode():
+        adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(trained_chat["model"]),
+                                            trained_chat["adapter"]).eval()(ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+    assert torch.allclose(plain, adapted, atol=1e-4), (plain - adapted).abs().max()

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from flows.single import single
 from loraflow.chat import CHATML
@@ -44,12 +44,18 @@ def test_a_model_without_a_chat_template_is_refused_before_any_work(tmp_path):
 
 
 def test_chat_on_a_local_tiny_llama(prefect_server, tmp_path):
-    state = single(chat_params(tmp_path), return_state=True)
+    state = single(chat_params(tmp_path, export="merged"), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert {"perplexity", "eval_loss", "exact_match", "rouge_l"} <= set(result.metrics) & set(result.baseline)
     assert result.metrics["rouge_l"] > result.baseline["rouge_l"] and result.gates["rouge_l"].passed
     assert result.metrics["perplexity"] < result.baseline["perplexity"]
     assert AutoTokenizer.from_pretrained(result.adapter_path).chat_template == CHATML
+    merged = AutoModelForCausalLM.from_pretrained(result.paths["merged"])
+    assert Path(result.paths["merged"]) == Path(tmp_path / "runs" / "chat" / "merged").resolve()
+    tokenizer = AutoTokenizer.from_pretrained(result.paths["merged"])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "where did the red cat sit?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert merged.generate(**prompt, max_new_tokens=4, do_sample=False).shape[1] > prompt["input_ids"].shape[1]
     samples = [json.loads(line) for line in Path(result.paths["samples"]).read_text().splitlines()]
     assert samples and all(sample["reference"].startswith("the ") and "generated" in sample for sample in samples)

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,7 @@ from transformers import (
 
 from loraflow.data.prepare import label_map
 from loraflow.errors import ConfigError, DataError, TrainingStopped
-from loraflow.layout import atomic_write_json
+from loraflow.layout import atomic_write_dir, atomic_write_json
 from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: part of this module's API)
     config_fingerprint,
     find_resumable_checkpoint,
@@ -339,16 +337,12 @@ def _progress_line(update: ProgressUpdate, logs: dict[str, Any]) -> str:
 
 
 def _save_adapter(model, tokenizer, request: TrainRequest) -> None:
-    """Write the adapter beside its destination, then swap it in: a reader never sees half an adapter."""
-    final = Path(request.adapter_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging, retired = (final.parent / f".{final.name}.{kind}-{os.getpid()}" for kind in ("new", "old"))
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if request.task == CLASSIFICATION:
-        atomic_write_json(staging / "label_map.json", label_map(request.labels or []))
-    if final.exists():
-        os.replace(final, retired)
-    os.replace(staging, final)
-    shutil.rmtree(retired, ignore_errors=True)
+    """Adapter, tokenizer (with a chat run's template) and label map, swapped in whole."""
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if request.task == CLASSIFICATION:
+            atomic_write_json(staging / "label_map.json", label_map(request.labels or []))
+
+    atomic_write_dir(request.adapter_dir, write)
