@@ -66,3 +66,13 @@ def generate_reply(model, tokenizer, prompt: str, stop: str, max_new_tokens: int
         )
     text = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
     return text.split(stop, 1)[0].strip() if stop else text.strip()
+
+
+def generation_table(metrics: dict, baseline: dict) -> list[dict]:
+    """The adapter's and the base model's answers side by side (prompt, reference, base, adapter): both
+    answered the same first conversations of the test split, in order."""
+    return [
+        {"prompt": tuned["prompt"][-1]["content"], "reference": tuned["reference"], "base": base["generated"],
+         "adapter": tuned["generated"]}
+        for tuned, base in zip(metrics.get("generations", []), baseline.get("generations", []))
+    ]

@@ -16,6 +16,7 @@ import torch
 
 from loraflow.chat_eval import GenerationEval, generation_metrics
 from loraflow.errors import DataError
+from loraflow.task_table import classifier
 
 _MAX_LOG_PERPLEXITY = 100.0  # exp(100) ~ 2.7e43: far past useless, still a finite JSON number
 
@@ -64,7 +65,7 @@ def evaluate_model(
         data, batch_size=eval_batch_size, collate_fn=collator_for(task, load_tokenizer(adapter_dir or model_path))
     )
     batches = _on_device(loader, model.device)
-    if task == "sequence-classification":
+    if classifier(task):
         return _classification_metrics(model, batches, list(labels or []))
     metrics = _causal_lm_metrics(model, batches, len(data))
     if generation is not None:

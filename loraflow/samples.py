@@ -9,6 +9,7 @@ from loraflow.chat_eval import generate_reply
 from loraflow.errors import DataError
 from loraflow.evaluate import load_for_inference
 from loraflow.layout import atomic_write_jsonl, read_jsonl
+from loraflow.task_table import TASK_TABLE, classifier
 from loraflow.train.trainer import load_tokenizer
 
 
@@ -32,9 +33,9 @@ def run_sample_prompts(
     tokenizer = load_tokenizer(adapter_dir or model_path)
     model = load_for_inference(model_path, task, labels, adapter_dir)
     with torch.inference_mode():
-        if task == "sequence-classification":
+        if classifier(task):
             results = [_classify(model, tokenizer, row, list(labels or []), max_length) for row in rows]
-        elif task == "chat":
+        elif TASK_TABLE[task].rows == "conversation":
             results = [_answer(model, tokenizer, row, max_length, max_new_tokens) for row in rows]
         else:
             results = [_generate(model, tokenizer, row, max_length, max_new_tokens) for row in rows]

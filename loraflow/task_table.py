@@ -34,3 +34,8 @@ TASK_TABLE: dict[str, TaskDef] = {
         rank_metric="eval_loss", default_preset="chat-llama",
     ),
 }
+
+
+def classifier(task: str) -> bool:
+    """Whether `task` trains a classification head on class ids (else a causal LM on token labels)."""
+    return TASK_TABLE[task].head == "classifier"

@@ -142,8 +142,8 @@ def learned_text(tokenizer, row: dict) -> list[str]:
 
 
 TWO_TURNS = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"the {w} cat?"},
-                           {"role": "assistant", "content": f"sat on the {w} mat."}, {"role": "user", "content": "dog?"},
-                           {"role": "assistant", "content": f"the {w} dog sat."}]}
+                           {"role": "assistant", "content": f"sat on the {w} mat."},
+                           {"role": "user", "content": "dog?"}, {"role": "assistant", "content": f"the {w} dog sat."}]}
              for w in ("red", "blue", "green", "black", "big", "small", "old", "new", "wet", "dry")]
 NO_MARKERS = CHATML.replace("{% generation %}", "").replace("{% endgeneration %}", "")
 

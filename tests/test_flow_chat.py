@@ -13,6 +13,7 @@ from flows.single import single
 from loraflow.chat import CHATML
 from loraflow.config import SingleParams
 from loraflow.errors import ConfigError
+from loraflow.layout import read_jsonl
 from loraflow.plan import plan_run
 from tests.tiny_models import build_tiny_llama, chat_conversations, tiny_corpus
 
@@ -57,5 +58,8 @@ def test_chat_on_a_local_tiny_llama(prefect_server, tmp_path):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "where did the red cat sit?"}],
                                            add_generation_prompt=True, return_tensors="pt", return_dict=True)
     assert merged.generate(**prompt, max_new_tokens=4, do_sample=False).shape[1] > prompt["input_ids"].shape[1]
+    [first, *_] = read_jsonl(Path(result.paths["result"]).parent / "samples" / "generations.jsonl")
+    assert set(first) == {"prompt", "reference", "base", "adapter"}
+    assert first["prompt"].startswith(("where", "tell", "the")) and first["reference"].startswith("the ")
     samples = [json.loads(line) for line in Path(result.paths["samples"]).read_text().splitlines()]
     assert samples and all(sample["reference"].startswith("the ") and "generated" in sample for sample in samples)

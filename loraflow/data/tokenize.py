@@ -35,6 +35,7 @@ from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
 from loraflow.errors import DataError
 from loraflow.fingerprint import hash_json
 from loraflow.layout import atomic_write_bytes, atomic_write_jsonl, read_jsonl
+from loraflow.task_table import TASK_TABLE, classifier
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss default)
 
@@ -108,9 +109,9 @@ def shard_file_name(shard: Shard, tokenizer_path: str, task: str, max_length: in
 
 def tokenize_shard(shard: Shard, tokenizer_path: str, task: str, max_length: int, out_dir: str | Path) -> str:
     """Tokenise one shard into `out_dir` and return the Parquet path (existing file reused)."""
-    encode = _ENCODERS.get(task)
-    if encode is None:
-        raise DataError(f"task: unknown task {task!r} (valid: {', '.join(_ENCODERS)})")
+    if task not in TASK_TABLE:
+        raise DataError(f"task: unknown task {task!r} (valid: {', '.join(TASK_TABLE)})")
+    encode = _ENCODERS[TASK_TABLE[task].rows]
     path = Path(out_dir) / shard_file_name(shard, tokenizer_path, task, max_length)
     if path.is_file():
         return str(path)
@@ -151,7 +152,7 @@ def collect_rejects(prepared: PreparedDataset, shard_paths: list[str], max_lengt
     if rejected / total > bound:
         kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(row["kind"] for row in rejects.values()).items())
         fix = ("shorten the prompts, raise max_length, set dataset.truncate_prompt: left"
-               if manifest["task"] != "chat" else "shorten the conversations, raise max_length")
+               if TASK_TABLE[manifest["task"]].rows != "conversation" else "shorten the conversations, raise max_length")
         raise DataError(
             f"{manifest['spec']['path']}: {rejected} of {total} rows rejected ({rejected / total:.0%}; "
             f"{kinds}, when preparing: {counts['rejected']}), more than "
@@ -327,7 +328,7 @@ def _too_long(row: dict[str, Any], tokens: int, max_length: int) -> dict[str, An
             "kind": "too_long_for_max_length"}
 
 
-_ENCODERS = {"sequence-classification": _classification, "causal-lm": _causal, "chat": _chat}
+_ENCODERS = {"labelled_text": _classification, "text": _causal, "conversation": _chat}  # by TaskDef.rows
 
 
 def _prompt_mask(spans: list[tuple[int, int]], prompt_end: int) -> list[bool]:
@@ -345,7 +346,7 @@ def _parquet_bytes(columns: dict[str, list], task: str, shard: Shard) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    label_type = pa.int64() if task == "sequence-classification" else pa.list_(pa.int32())
+    label_type = pa.int64() if classifier(task) else pa.list_(pa.int32())
     schema = pa.schema(
         [("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("labels", label_type)],
         metadata={"loraflow.task": task, "loraflow.split": shard.split, "loraflow.rows_sha256": shard.fingerprint},

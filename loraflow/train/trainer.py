@@ -31,6 +31,7 @@ from transformers import (
 from loraflow.data.prepare import label_map
 from loraflow.errors import ConfigError, DataError, TrainingStopped
 from loraflow.layout import atomic_write_dir, atomic_write_json
+from loraflow.task_table import classifier
 from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: part of this module's API)
     config_fingerprint,
     find_resumable_checkpoint,
@@ -48,7 +49,6 @@ from loraflow.train.request import (
     smaller_batch,
 )
 
-CLASSIFICATION = "sequence-classification"
 STOP_CHECK_SECONDS = 1.0
 
 
@@ -63,7 +63,7 @@ def load_tokenizer(model_path: str):
 def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=None):
     """The base model for `task`; classification gets a fresh head sized and named by `labels`."""
     dtype = dtype or torch.float32  # transformers 5 defaults to the checkpoint's dtype; be explicit
-    if task != CLASSIFICATION:
+    if not classifier(task):
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
     if not labels:
         raise ConfigError("labels: sequence classification needs the list of label names")
@@ -203,7 +203,7 @@ def _peak_memory_mb(plan: DevicePlan) -> float:
 
 def _peft_model(request: TrainRequest, plan: DevicePlan):
     lora = request.settings.lora
-    classification = request.task == CLASSIFICATION
+    classification = classifier(request.task)
     config = LoraConfig(
         # SEQ_CLS makes peft train the classifier head in full (modules_to_save); LoRA alone cannot fit a fresh head
         task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
@@ -243,7 +243,7 @@ def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool
         # The Trainer scales each rank's loss by the number of processes so that a loss averaged over
         # all ranks' tokens comes out right; a classifier averages over its own batch, so that scaling
         # would multiply its gradients (and its logged loss) by the number of processes.
-        average_tokens_across_devices=request.task != CLASSIFICATION,
+        average_tokens_across_devices=not classifier(request.task),
         seed=request.seed,
         data_seed=request.seed,
         report_to=report_to(request.tracking),
@@ -342,7 +342,7 @@ def _save_adapter(model, tokenizer, request: TrainRequest) -> None:
     def write(staging: Path) -> None:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        if request.task == CLASSIFICATION:
+        if classifier(request.task):
             atomic_write_json(staging / "label_map.json", label_map(request.labels or []))
 
     atomic_write_dir(request.adapter_dir, write)
