@@ -162,6 +162,11 @@ class RunSettings(StrictModel):
         description="Chat: tokens the loss is on: every assistant turn with its end-of-turn token, the last "
         "assistant turn only, or all tokens.",
     )
+    packing: bool = Field(
+        default=False,
+        description="Causal-LM and chat: pack short training examples into rows of up to max_length tokens, "
+        "padding-free, no attention across examples (`batch_size` then counts packed rows).",
+    )
     export: Literal["adapter", "merged"] = Field(
         default="adapter",
         description="`merged` also writes <output_dir>/<name>/merged/: the base model with the adapter merged in "
@@ -197,9 +202,11 @@ class RunSettings(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _merged_export_needs_a_causal_lm(self) -> "RunSettings":
-        if self.export == "merged" and TASK_TABLE[self.task].head != "causal-lm":
-            raise ValueError(f"export: merged needs a causal-LM task (causal-lm, chat), not {self.task!r}")
+    def _merging_and_packing_need_a_causal_lm(self) -> "RunSettings":
+        if TASK_TABLE[self.task].head != "causal-lm":
+            for name, asked in (("export: merged", self.export == "merged"), ("packing: true", self.packing)):
+                if asked:
+                    raise ValueError(f"{name} needs a causal-LM task (causal-lm, chat), not {self.task!r}")
         return self
 
     @model_validator(mode="after")

@@ -41,6 +41,7 @@ from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: par
 )
 from loraflow.train.data import TokenizedDataset, collator_for
 from loraflow.train.device import DevicePlan, pick_device
+from loraflow.train.packing import packed_rows, padding_free_collator
 from loraflow.train.reporting import guard_trackers, report_to
 from loraflow.train.request import (
     ProgressUpdate,
@@ -105,14 +106,15 @@ def train_adapter(
     if len(train_data) == 0:
         raise DataError(f"train split is empty ({len(request.train_shards)} shards)")
     eval_data = TokenizedDataset(request.eval_shards) if request.eval_shards else None
+    train_rows = packed_rows(train_data.columns, request.settings.max_length) if request.packing else train_data
     settings = request.settings
     while True:
         attempt = request.model_copy(update={"settings": settings})
         resume_from = find_resumable_checkpoint(request.checkpoint_dir, log) if checkpoints_prepared else \
             prepare_checkpoints(attempt, log)
         try:
-            return _train_once(attempt, plan, resume_from, train_data, eval_data, on_progress, log, should_stop,
-                               callbacks)
+            return _train_once(attempt, plan, resume_from, train_data, train_rows, eval_data, on_progress, log,
+                               should_stop, callbacks)
         except torch.cuda.OutOfMemoryError as error:
             if not back_off_out_of_memory:
                 raise
@@ -132,6 +134,7 @@ def _train_once(
     plan: DevicePlan,
     resume_from: str | None,
     train_data: TokenizedDataset,
+    train_rows: Any,
     eval_data: TokenizedDataset | None,
     on_progress: Callable[[ProgressUpdate], None] | None,
     log: Callable[[str], None],
@@ -153,8 +156,9 @@ def _train_once(
     trainer = Trainer(
         model=model,
         args=_training_arguments(request, plan, with_eval=eval_data is not None),
-        data_collator=collator_for(request.task, tokenizer),
-        train_dataset=train_data,
+        # Padding-free rows: the same collator serves evaluation, each unpacked row its own example.
+        data_collator=padding_free_collator(tokenizer) if request.packing else collator_for(request.task, tokenizer),
+        train_dataset=train_rows,
         eval_dataset=eval_data,
         processing_class=tokenizer,
         callbacks=[
@@ -177,7 +181,7 @@ def _train_once(
         _save_adapter(trainer.model, tokenizer, request)
     steps_this_run = output.global_step - (resumed_from_step or 0)
     samples_per_second = output.metrics.get("train_samples_per_second")
-    tokens_per_sample = train_data.num_tokens() / len(train_data)
+    tokens_per_sample = train_data.num_tokens() / len(train_rows)  # a sample is a packed row when packing
     return TrainResult(
         adapter_dir=str(Path(request.adapter_dir)),
         global_step=output.global_step,
