@@ -44,8 +44,14 @@ def generation_metrics(model, tokenizer, request: GenerationEval) -> dict:
         exact += " ".join(generated.split()) == " ".join(reference.split())
         rouge += scorer.score(reference, generated)["rougeL"].fmeasure
         if len(samples) < SAMPLE_ROWS:
-            samples.append({"prompt": row["messages"][:-1], "reference": reference, "generated": generated})
+            samples.append({"prompt": last_question(row["messages"]), "reference": reference, "generated": generated})
     return {"exact_match": exact / len(rows), "rouge_l": rouge / len(rows), "generations": samples}
+
+
+def last_question(messages: list[dict[str, str]]) -> str:
+    """What a sample table shows as the prompt: the turn before the last assistant turn."""
+    last = max(i for i, message in enumerate(messages) if message["role"] == "assistant")
+    return messages[last - 1]["content"] if last else ""
 
 
 def generate_reply(model, tokenizer, prompt: str, stop: str, max_new_tokens: int, max_length: int) -> str:
@@ -72,7 +78,7 @@ def generation_table(metrics: dict, baseline: dict) -> list[dict]:
     """The adapter's and the base model's answers side by side (prompt, reference, base, adapter): both
     answered the same first conversations of the test split, in order."""
     return [
-        {"prompt": tuned["prompt"][-1]["content"], "reference": tuned["reference"], "base": base["generated"],
+        {"prompt": tuned["prompt"], "reference": tuned["reference"], "base": base["generated"],
          "adapter": tuned["generated"]}
         for tuned, base in zip(metrics.get("generations", []), baseline.get("generations", []))
     ]

@@ -78,7 +78,8 @@ class DatasetSpec(StrictModel):
         default=None, description="Chat column holding the message list; `messages` (ShareGPT: `conversations`)."
     )
     roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
-        default_factory=dict, description="Chat role names of the data to OpenAI roles, e.g. {human: user, bot: assistant}."
+        default_factory=dict,
+        description="Chat role names of the data to OpenAI roles, e.g. {human: user, bot: assistant}.",
     )
     system_prompt: str | None = Field(default=None, description="Chat: system turn for conversations that have none.")
 
@@ -167,6 +168,11 @@ class RunSettings(StrictModel):
         description="Causal-LM and chat: pack short training examples into rows of up to max_length tokens, "
         "padding-free, no attention across examples (`batch_size` then counts packed rows).",
     )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        default=None,
+        description="QLoRA: load the frozen base quantized by bitsandbytes for training (CUDA only; "
+        "`pip install 'loraflow[qlora]'`). Evaluation uses the unquantized base.",
+    )
     export: Literal["adapter", "merged"] = Field(
         default="adapter",
         description="`merged` also writes <output_dir>/<name>/merged/: the base model with the adapter merged in "
@@ -202,9 +208,11 @@ class RunSettings(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _merging_and_packing_need_a_causal_lm(self) -> "RunSettings":
+    def _causal_lm_only_settings(self) -> "RunSettings":
         if TASK_TABLE[self.task].head != "causal-lm":
-            for name, asked in (("export: merged", self.export == "merged"), ("packing: true", self.packing)):
+            asked_for = (("export: merged", self.export == "merged"), ("packing: true", self.packing),
+                         (f"quantization: {self.quantization}", self.quantization is not None))
+            for name, asked in asked_for:
                 if asked:
                     raise ValueError(f"{name} needs a causal-LM task (causal-lm, chat), not {self.task!r}")
         return self

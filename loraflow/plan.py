@@ -25,6 +25,7 @@ from loraflow.fingerprint import code_version, hash_json
 from loraflow.layout import RunLayout, atomic_write_text, cache_dir
 from loraflow.metrics import metrics_for_task
 from loraflow.models import check_target_modules, model_identity, resolve_model
+from loraflow.quantization import check_quantization
 from loraflow.settings import TrainingSettings, resolve_training_settings
 from loraflow.task_table import TASK_TABLE
 from loraflow.tracking import TrackingParent, check_trackers
@@ -101,6 +102,7 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
     chat = None
     if TASK_TABLE[params.task].rows == "conversation":
         chat = ChatEncoding(template=resolve_chat_template(model_path, params.chat_template), train_on=params.train_on)
+    check_quantization(params.quantization, dispatched=params.training_dispatch == "deployment")
     _check_writable(params.output_dir)
     check_trackers(params.tracking, params.mlflow_tracking_uri, params.output_dir)
     name = params.dataset.resolved_name

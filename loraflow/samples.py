@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from loraflow.chat import end_of_turn, generation_case
-from loraflow.chat_eval import generate_reply
+from loraflow.chat_eval import generate_reply, last_question
 from loraflow.errors import DataError
 from loraflow.evaluate import load_for_inference
 from loraflow.layout import atomic_write_jsonl, read_jsonl
@@ -72,7 +72,7 @@ def _answer(model, tokenizer, row: dict, max_length: int, max_new_tokens: int) -
     template = tokenizer.chat_template
     prompt, reference = generation_case(tokenizer, row["messages"], template)
     generated = generate_reply(model, tokenizer, prompt, end_of_turn(tokenizer, template), max_new_tokens, max_length)
-    return {"prompt": row["messages"][:-1], "reference": reference, "generated": generated}
+    return {"prompt": last_question(row["messages"]), "reference": reference, "generated": generated}
 
 
 def _encode(tokenizer, text: str, max_length: int, device) -> dict:

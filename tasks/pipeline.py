@@ -71,5 +71,5 @@ def train_request(plan: RunPlan, config: ResolvedConfig, shards: dict[str, list[
         train_shards=shards["train"], eval_shards=shards.get("validation", []),
         checkpoint_dir=str(layout.checkpoints), adapter_dir=str(layout.model), logs_dir=str(layout.logs),
         seed=plan.params.seed, processes=config.processes, chat_template=plan.chat.template if plan.chat else None,
-        packing=plan.params.packing,
+        packing=plan.params.packing, quantization=plan.params.quantization,
     )

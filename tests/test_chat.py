@@ -28,6 +28,7 @@ from loraflow.errors import ConfigError, DataError
 from loraflow.evaluate import evaluate_model
 from loraflow.export import export_merged
 from loraflow.layout import read_jsonl
+from loraflow.plan import plan_run
 from loraflow.settings import resolve_training_settings
 from loraflow.train.request import TrainRequest
 from loraflow.train.trainer import train_adapter
@@ -210,7 +211,7 @@ def test_chat_adapter_keeps_its_template_and_beats_the_base_at_answering(trained
     assert tuned["rouge_l"] > base["rouge_l"] + 0.3, (base["rouge_l"], tuned["rouge_l"], tuned["generations"][:3])
     assert 0.0 <= base["exact_match"] <= tuned["exact_match"] <= 1.0
     sample = tuned["generations"][0]
-    assert sample["prompt"][-1]["role"] == "user" and sample["reference"].startswith("the ")
+    assert sample["prompt"].startswith(("where", "tell", "the")) and sample["reference"].startswith("the ")
 
 
 def test_merged_export_loads_plainly_and_gives_the_adapter_s_logits(trained_chat):
@@ -224,3 +225,12 @@ def test_merged_export_loads_plainly_and_gives_the_adapter_s_logits(trained_chat
                                             trained_chat["adapter"]).eval()(ids).logits
         plain = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
     assert torch.allclose(plain, adapted, atol=1e-4), (plain - adapted).abs().max()
+
+
+def test_quantized_training_on_a_host_without_cuda_is_refused_in_the_parameter_check(tmp_path, chat_model):
+    params = SingleParams(task="chat", model=chat_model, dataset={"path": str(write_jsonl(tmp_path / "c.jsonl", [{}]))},
+                          quantization="4bit", output_dir=str(tmp_path / "runs"))
+    with pytest.raises(ConfigError, match=r"^quantization: 4bit needs (bitsandbytes|a CUDA GPU)"):
+        plan_run(params)
+    with pytest.raises(ValueError, match="quantization: 8bit needs a causal-LM task"):
+        SingleParams(dataset={"path": "x.csv"}, quantization="8bit")

@@ -151,8 +151,9 @@ def collect_rejects(prepared: PreparedDataset, shard_paths: list[str], max_lengt
     rejected, total = counts["rejected"] + len(rejects), counts["rejected"] + counts["accepted"]
     if rejected / total > bound:
         kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(row["kind"] for row in rejects.values()).items())
-        fix = ("shorten the prompts, raise max_length, set dataset.truncate_prompt: left"
-               if TASK_TABLE[manifest["task"]].rows != "conversation" else "shorten the conversations, raise max_length")
+        chat = TASK_TABLE[manifest["task"]].rows == "conversation"
+        fix = ("shorten the conversations, raise max_length" if chat
+               else "shorten the prompts, raise max_length, set dataset.truncate_prompt: left")
         raise DataError(
             f"{manifest['spec']['path']}: {rejected} of {total} rows rejected ({rejected / total:.0%}; "
             f"{kinds}, when preparing: {counts['rejected']}), more than "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -31,6 +31,7 @@ from transformers import (
 from loraflow.data.prepare import label_map
 from loraflow.errors import ConfigError, DataError, TrainingStopped
 from loraflow.layout import atomic_write_dir, atomic_write_json
+from loraflow.quantization import quantized_loading
 from loraflow.task_table import classifier
 from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: part of this module's API)
     config_fingerprint,
@@ -61,11 +62,14 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=None):
-    """The base model for `task`; classification gets a fresh head sized and named by `labels`."""
+def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=None, quantization: str | None = None):
+    """The base model for `task`; classification gets a fresh head sized and named by `labels`; a causal
+    LM is loaded quantized for QLoRA training when `quantization` says so."""
     dtype = dtype or torch.float32  # transformers 5 defaults to the checkpoint's dtype; be explicit
     if not classifier(task):
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **quantized_loading(quantization, dtype))
+        # peft's k-bit preparation: norms in fp32, inputs that carry gradients into the frozen quantized layers
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) if quantization else model
     if not labels:
         raise ConfigError("labels: sequence classification needs the list of label names")
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -216,7 +220,8 @@ def _peft_model(request: TrainRequest, plan: DevicePlan):
         lora_dropout=lora.dropout,
         target_modules=None if lora.target_modules == "auto" else lora.target_modules,  # None: peft's per-model default
     )
-    base = load_base_model(request.model_path, request.task, request.labels, dtype=model_dtype(plan))
+    base = load_base_model(request.model_path, request.task, request.labels, dtype=model_dtype(plan),
+                           quantization=request.quantization)
     return get_peft_model(base, config)
 
 
