@@ -71,7 +71,16 @@ def generate_reply(model, tokenizer, prompt: str, stop: str, max_new_tokens: int
             **({} if stop_id is not None else {"stop_strings": [stop], "tokenizer": tokenizer}),
         )
     text = tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
-    return text.split(stop, 1)[0].strip() if stop else text.strip()
+    return _before_stop(text, stop).strip()
+
+
+def _before_stop(text: str, stop: str) -> str:
+    """`text` up to `stop`, also when `max_new_tokens` ended it part way into a multi-token `stop`."""
+    if not stop:
+        return text
+    text = text.split(stop, 1)[0]
+    partial = next((k for k in range(len(stop) - 1, 0, -1) if text.endswith(stop[:k])), 0)
+    return text[: len(text) - partial]
 
 
 def generation_table(metrics: dict, baseline: dict) -> list[dict]:

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl.chat_template_utils import qwen2_5_chat_template
 
 from loraflow.chat import CHATML, ChatEncoding, resolve_chat_template
-from loraflow.chat_eval import GenerationEval
+from loraflow.chat_eval import GenerationEval, _before_stop
 from loraflow.config import DatasetSpec, SingleParams
 from loraflow.data.prepare import prepare_dataset
 from loraflow.data.tokenize import (
@@ -225,6 +225,12 @@ def test_merged_export_loads_plainly_and_gives_the_adapter_s_logits(trained_chat
                                             trained_chat["adapter"]).eval()(ids).logits
         plain = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
     assert torch.allclose(plain, adapted, atol=1e-4), (plain - adapted).abs().max()
+
+
+def test_answers_stop_at_the_end_of_turn_even_when_cut_inside_it():
+    assert _before_stop("the cat sat.<|im_end|>\nmore", "<|im_end|>") == "the cat sat."
+    assert _before_stop("the cat sat.<|im", "<|im_end|>") == "the cat sat."
+    assert _before_stop("a < b", "<|im_end|>") == "a < b"
 
 
 def test_quantized_training_on_a_host_without_cuda_is_refused_in_the_parameter_check(tmp_path, chat_model):
