@@ -36,7 +36,7 @@ from loraflow.task_table import TASK_TABLE
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 PROMPT_SEPARATOR = "\n"
 SAMPLE_PROMPTS = 5
-_FORMAT_VERSION = 3  # bump when the normalised output changes for the same input
+_FORMAT_VERSION = 2  # bump when the normalised output changes for the same input
 _SPEC_FIELDS_IGNORED = ("path", "name")  # path: its files' bytes are hashed instead; name: added separately
 _HASH_SCALE = float(2**64)
 _Row = tuple[bytes, tuple[str, ...]]  # (sha256 of the training text, normalised column values)
