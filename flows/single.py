@@ -98,7 +98,8 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
             counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
             paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),
                    "samples": run["samples"], "baseline": data.baseline_path, "rejects": data.prepared.rejects_path,
-                   "manifest": data.prepared.manifest_path},
+                   "manifest": data.prepared.manifest_path,
+                   **({"merged": run["merged"]} if "merged" in run.outputs else {})},
         )
         write_result(result, layout.result)
         result = report_run(run.request, result)  # pictures, report.html, trackers

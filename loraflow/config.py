@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from loraflow.chat import template_text
 from loraflow.errors import ConfigError
 from loraflow.gates import Gate, GateVerdict, load_gate_profile
 from loraflow.grid import expand_variations
@@ -39,6 +40,7 @@ from loraflow.settings import (
     safe_folder,
     suggest,
 )
+from loraflow.task_table import TASK_TABLE
 
 
 class DatasetSpec(StrictModel):
@@ -69,6 +71,20 @@ class DatasetSpec(StrictModel):
         description="Causal-LM prompt/completion rows longer than max_length: unset cuts the end (a prompt that "
         "fills max_length leaves no completion and the row is rejected); `left` cuts the prompt's start instead.",
     )
+
+    conversation_format: Literal["auto", "openai", "sharegpt", "alpaca"] = Field(
+        default="auto",
+        description="Chat rows: OpenAI `messages`, ShareGPT `conversations`, or Alpaca `instruction`/`input`/"
+        "`output`; `auto` finds it per file from its columns.",
+    )
+    messages_column: str | None = Field(
+        default=None, description="Chat column holding the message list; `messages` (ShareGPT: `conversations`)."
+    )
+    roles: dict[str, Literal["system", "user", "assistant", "tool"]] = Field(
+        default_factory=dict,
+        description="Chat role names of the data to OpenAI roles, e.g. {human: user, bot: assistant}.",
+    )
+    system_prompt: str | None = Field(default=None, description="Chat: system turn for conversations that have none.")
 
     @model_validator(mode="after")
     def _pair_prompt_and_completion(self) -> "DatasetSpec":
@@ -161,6 +177,31 @@ class RunSettings(StrictModel):
         description="Validate everything and return the execution plan (datasets, row counts, variants, "
         "output paths, estimated steps, cached stages) without training.",
     )
+    chat_template: str | None = Field(
+        default=None,
+        description="Chat: the template conversations are rendered with, when not the model's own: `chatml`, a "
+        "Jinja string or a .jinja file; saved with the adapter's tokenizer.",
+    )
+    train_on: Literal["assistant", "last", "all"] = Field(
+        default="assistant",
+        description="Chat: tokens the loss is on: every assistant turn with its end-of-turn token, the last "
+        "assistant turn only, or all tokens.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Causal-LM and chat: pack short training examples into rows of up to max_length tokens, "
+        "padding-free, no attention across examples (`batch_size` then counts packed rows).",
+    )
+    quantization: Literal["4bit", "8bit"] | None = Field(
+        default=None,
+        description="QLoRA: load the frozen base quantized by bitsandbytes for training (CUDA only; "
+        "`pip install 'loraflow[qlora]'`). Evaluation uses the unquantized base.",
+    )
+    export: Literal["adapter", "merged"] = Field(
+        default="adapter",
+        description="`merged` also writes <output_dir>/<name>/merged/: the base model with the adapter merged in "
+        "(safetensors, tokenizer and chat template), loadable by plain AutoModelForCausalLM (causal-LM and chat).",
+    )
     tracking: list[Literal["tensorboard", "mlflow"]] = Field(
         default_factory=list,
         description="Experiment trackers besides loraflow's own files: `tensorboard` (event files in <run>/logs/"
@@ -179,6 +220,26 @@ class RunSettings(StrictModel):
             if metric not in HIGHER_IS_BETTER:
                 raise ValueError(f"unknown gate metric {metric!r}{suggest(metric, HIGHER_IS_BETTER)}")
         return gates
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_readable(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                template_text(value)
+            except ConfigError as error:
+                raise ValueError(str(error).removeprefix("chat_template: ")) from None
+        return value
+
+    @model_validator(mode="after")
+    def _causal_lm_only_settings(self) -> "RunSettings":
+        if TASK_TABLE[self.task].head != "causal-lm":
+            asked_for = (("export: merged", self.export == "merged"), ("packing: true", self.packing),
+                         (f"quantization: {self.quantization}", self.quantization is not None))
+            for name, asked in asked_for:
+                if asked:
+                    raise ValueError(f"{name} needs a causal-LM task (causal-lm, chat), not {self.task!r}")
+        return self
 
     @model_validator(mode="after")
     def _gate_profile_loads(self) -> "RunSettings":

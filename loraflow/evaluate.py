@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
+from loraflow.chat_eval import GenerationEval, generation_metrics
 from loraflow.errors import DataError
+from loraflow.task_table import classifier
 
 _MAX_LOG_PERPLEXITY = 100.0  # exp(100) ~ 2.7e43: far past useless, still a finite JSON number
 
@@ -48,8 +50,10 @@ def evaluate_model(
     adapter_dir: str | None,
     eval_batch_size: int = 64,
     seed: int = 42,
+    generation: GenerationEval | None = None,
 ) -> dict:
-    """Metrics of the adapter on `test_shards`, or of the baseline when `adapter_dir` is None."""
+    """Metrics of the adapter on `test_shards`, or of the baseline when `adapter_dir` is None; with
+    `generation` (chat), also of answering the held-out conversations."""
     from loraflow.train.data import TokenizedDataset, collator_for
     from loraflow.train.trainer import load_tokenizer
 
@@ -61,9 +65,12 @@ def evaluate_model(
         data, batch_size=eval_batch_size, collate_fn=collator_for(task, load_tokenizer(adapter_dir or model_path))
     )
     batches = _on_device(loader, model.device)
-    if task == "sequence-classification":
+    if classifier(task):
         return _classification_metrics(model, batches, list(labels or []))
-    return _causal_lm_metrics(model, batches, len(data))
+    metrics = _causal_lm_metrics(model, batches, len(data))
+    if generation is not None:
+        metrics.update(generation_metrics(model, load_tokenizer(adapter_dir or model_path), generation))
+    return metrics
 
 
 def _on_device(loader, device) -> Iterator[dict[str, torch.Tensor]]:

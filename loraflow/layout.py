@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -99,6 +100,21 @@ def atomic_write_json(path: str | Path, value: Any) -> Path:
 
 def atomic_write_jsonl(path: str | Path, rows: Any) -> Path:
     return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def atomic_write_dir(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """`write` fills a staging folder beside `path`, which is then swapped in: a reader sees the old
+    folder or the new one, never half of one (an adapter, a merged model)."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging, retired = (final.parent / f".{final.name}.{kind}-{os.getpid()}" for kind in ("new", "old"))
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    if final.exists():
+        os.replace(final, retired)
+    os.replace(staging, final)
+    shutil.rmtree(retired, ignore_errors=True)
+    return final
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

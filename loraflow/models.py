@@ -13,6 +13,7 @@ from loraflow.errors import ConfigError, ModelError
 from loraflow.fingerprint import hash_json
 from loraflow.layout import atomic_write_json
 from loraflow.model_process import run_model_work
+from loraflow.task_table import classifier
 
 # Bump when `built_linear_module_names` changes what it reports: remembered names go stale.
 _LINEAR_MODULES_MEMO_VERSION = 1
@@ -124,7 +125,7 @@ def built_linear_module_names(resolved: str, task: str) -> set[str]:
         config = AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as error:
         raise ModelError(f"model: cannot read the config of {resolved!r}: {str(error).splitlines()[0]}") from None
-    auto = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if classifier(task) else AutoModelForCausalLM
     with init_empty_weights():
         model = auto.from_config(config)
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}

@@ -20,6 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from loraflow.chat import ChatEncoding
 from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_fingerprint
 from loraflow.data.tokenize import (
     Shard,
@@ -71,7 +72,7 @@ class Stage:
     cache_key: Callable[[dict[str, Any]], str]
     predict: Callable[[dict[str, Any]], Any] | None = None
     plan_keys: Callable[[dict[str, Any]], dict[str, list[str]]] | None = None
-    skipped: str = "skipped"  # what a plan says when `arguments` is None
+    skipped: str | None = None  # what a plan says when `arguments` is None (None: it leaves the stage out)
 
     def keys_to_check(self, arguments: dict[str, Any]) -> dict[str, list[str]]:
         return self.plan_keys(arguments) if self.plan_keys else {self.name: [self.cache_key(arguments)]}
@@ -140,6 +141,8 @@ class PipelineRun:
             labels=self.config.labels, train_shards=shards["train"], eval_shards=shards.get("validation", []),
             checkpoint_dir=str(layout.checkpoints), adapter_dir=str(layout.model), logs_dir=str(layout.logs),
             seed=self.params.seed, processes=self.config.processes,
+            chat_template=self.plan.chat.template if self.plan.chat else None, packing=self.params.packing,
+            quantization=self.params.quantization,
         )
 
     @property
@@ -160,9 +163,10 @@ class PipelineRun:
 
 
 def expected_shards(prepared: PreparedDataset, tokenizer_path: str, task: str, max_length: int, shard_size: int,
-                    out_dir: Path) -> dict[str, list[str]]:
+                    out_dir: Path, chat: ChatEncoding | None = None) -> dict[str, list[str]]:
     """The shard paths tokenisation will return, without tokenising (file names are content hashes)."""
-    names = [shard_file_name(shard, tokenizer_path, task, max_length) for shard in plan_shards(prepared, shard_size)]
+    shards = plan_shards(prepared, shard_size, chat)
+    names = [shard_file_name(shard, tokenizer_path, task, max_length) for shard in shards]
     return shard_paths_by_split([str(Path(out_dir) / name) for name in names])
 
 
@@ -185,7 +189,7 @@ def shard_arguments(arguments: dict[str, Any], max_length: int) -> list[dict[str
     """The arguments of each shard's tokenisation at `max_length`: the unit the cache keeps."""
     common = {key: arguments[key] for key in ("tokenizer_path", "task", "out_dir")}
     return [{"shard": shard, **common, "max_length": max_length}
-            for shard in plan_shards(arguments["prepared"], arguments["shard_size"])]
+            for shard in plan_shards(arguments["prepared"], arguments["shard_size"], arguments["chat"])]
 
 
 def tokenize_label(max_lengths: list[int], length: int) -> str:
@@ -195,10 +199,11 @@ def tokenize_label(max_lengths: list[int], length: int) -> str:
 
 
 def tokenize_all(prepared: PreparedDataset, tokenizer_path: str, task: str, max_lengths: list[int], shard_size: int,
-                 out_dir: Path, log: Log = _quiet) -> dict[int, dict[str, list[str]]]:
-    """Every split tokenised at each length, one shard after another (the flows map shards on Dask)."""
+                 out_dir: Path, chat: ChatEncoding | None = None, log: Log = _quiet) -> dict[int, dict[str, list[str]]]:
+    """Every split tokenised at each length, one shard after another (the flows map shards on Dask);
+    a chat dataset's shards are templated by `chat`."""
     arguments = {"prepared": prepared, "tokenizer_path": tokenizer_path, "task": task, "shard_size": shard_size,
-                 "out_dir": out_dir}
+                 "out_dir": out_dir, "chat": chat}
     shards = {}
     for length in max_lengths:
         paths = [tokenize_shard(**shard) for shard in shard_arguments(arguments, length)]
@@ -210,7 +215,7 @@ def tokenize_all(prepared: PreparedDataset, tokenizer_path: str, task: str, max_
 def report_rejects(prepared: PreparedDataset, paths: list[str], max_length: int, log: Log) -> None:
     rejects_path, rejected = collect_rejects(prepared, paths, max_length)
     if rejects_path:
-        log(f"{rejected} rows left out: their prompt fills max_length={max_length}; see {rejects_path}")
+        log(f"{rejected} rows left out: too long for max_length={max_length}; see {rejects_path}")
 
 
 def _tokenize_plan_keys(arguments: dict[str, Any]) -> dict[str, list[str]]:
@@ -221,7 +226,7 @@ def _tokenize_plan_keys(arguments: dict[str, Any]) -> dict[str, list[str]]:
 
 def _predict_shards(arguments: dict[str, Any]) -> dict[int, dict[str, list[str]]]:
     return {length: expected_shards(arguments["prepared"], arguments["tokenizer_path"], arguments["task"], length,
-                                    arguments["shard_size"], arguments["out_dir"])
+                                    arguments["shard_size"], arguments["out_dir"], arguments["chat"])
             for length in arguments["max_lengths"]}
 
 
@@ -236,7 +241,7 @@ def evaluate_key(arguments: dict[str, Any]) -> str:
     config: ResolvedConfig = arguments["config"]
     settings = config.settings
     baseline = [config.model_identity, config.task, config.labels, settings.eval_batch_size, config.seed,
-                settings.max_length]
+                settings.max_length, config.generation.model_dump() if config.generation else None]
     return fingerprint_key("evaluate", config.fingerprint if arguments["adapter_dir"] else baseline,
                            arguments["test_shards"], adapter_fingerprint(arguments["adapter_dir"]),
                            str(arguments["out_path"]))
@@ -250,7 +255,8 @@ def evaluate(config: ResolvedConfig, test_shards: list[str], adapter_dir: str | 
     with lease_devices(1, what, log=log) as lease:
         metrics = run_model_work(
             "loraflow.evaluate:evaluate_model", config.model, config.task, config.labels, test_shards, adapter_dir,
-            eval_batch_size=config.settings.eval_batch_size, seed=config.seed, lease=lease,
+            eval_batch_size=config.settings.eval_batch_size, seed=config.seed, generation=config.generation,
+            lease=lease,
         )
     atomic_write_json(out_path, metrics)
     scalars = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
@@ -273,6 +279,21 @@ def sample_predictions(config: ResolvedConfig, adapter_dir: str, prompts_path: s
         )
     log(f"wrote {len(rows)} sample predictions to {out_path}")
     return str(out_path)
+
+
+def export_key(arguments: dict[str, Any]) -> str:
+    """The base model and the adapter's bytes: a retrained adapter is merged again."""
+    return fingerprint_key("export-merged", arguments["config"].model_identity,
+                           adapter_fingerprint(arguments["adapter_dir"]), str(arguments["out_dir"]))
+
+
+def export_merged(config: ResolvedConfig, adapter_dir: str, out_dir: Path, log: Log = _quiet) -> str:
+    """`export: merged`: the base with the adapter merged in, written in a model process on a leased
+    device (a model is never loaded in the flow's process)."""
+    with lease_devices(1, f"merged export of {config.name!r}", log=log) as lease:
+        merged = run_model_work("loraflow.export:export_merged", config.model, adapter_dir, out_dir, lease=lease)
+    log(f"merged model written to {merged}")
+    return merged
 
 
 def train_key(arguments: dict[str, Any]) -> str:
@@ -350,7 +371,7 @@ DATA_STAGES: list[Stage] = [
         name="tokenize", output="shards", function=tokenize_all, cache_key=_one_key_per_shard,
         arguments=lambda run: {"prepared": run["prepared"], "tokenizer_path": run.plan.model_path,
                                "task": run.params.task, "max_lengths": run.max_lengths,
-                               "shard_size": run.params.shard_size, "out_dir": run.tokens_dir},
+                               "shard_size": run.params.shard_size, "out_dir": run.tokens_dir, "chat": run.plan.chat},
         predict=_predict_shards, plan_keys=_tokenize_plan_keys,
     ),
     Stage(
@@ -375,6 +396,11 @@ TRAINING_STAGES: list[Stage] = [
         arguments=lambda run: {"config": run.config, "adapter_dir": run["trained"].adapter_dir,
                                "prompts_path": run["prepared"].sample_prompts_path,
                                "out_path": run.plan.layout.samples / "predictions.jsonl"},
+    ),
+    Stage(
+        name="export", output="merged", function=export_merged, cache_key=export_key,
+        arguments=lambda run: None if run.params.export != "merged" else {
+            "config": run.config, "adapter_dir": run["trained"].adapter_dir, "out_dir": run.plan.layout.root / "merged"},
     ),
     Stage(
         name="register", output="version", function=register, cache_key=register_key, skipped="best variant only",

@@ -15,6 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
+from loraflow.chat import ChatEncoding, resolve_chat_template
+from loraflow.chat_eval import GenerationEval
 from loraflow.config import SingleParams
 from loraflow.data.prepare import PreparedDataset
 from loraflow.data.readers import source_files
@@ -23,7 +25,9 @@ from loraflow.fingerprint import code_version, hash_json
 from loraflow.layout import RunLayout, atomic_write_text, cache_dir
 from loraflow.metrics import metrics_for_task
 from loraflow.models import check_target_modules, model_identity, resolve_model
+from loraflow.quantization import check_quantization
 from loraflow.settings import TrainingSettings, resolve_training_settings
+from loraflow.task_table import TASK_TABLE
 from loraflow.tracking import TrackingParent, check_trackers
 
 
@@ -38,6 +42,7 @@ class RunPlan(BaseModel):
     model_identity: str
     root: str
     tracking_parent: TrackingParent | None = None  # a variations grid's experiment and parent run
+    chat: ChatEncoding | None = None  # task chat: the template and `train_on`, resolved in the checks
 
     @property
     def settings(self) -> TrainingSettings:
@@ -69,6 +74,7 @@ class ResolvedConfig(BaseModel):
     total_steps: int
     seed: int
     code_version: str
+    generation: GenerationEval | None = None  # task chat: how evaluation asks the held-out conversations
 
     @property
     def fingerprint(self) -> str:
@@ -100,6 +106,10 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
     check_target_modules(
         settings.lora.target_modules, model_path, params.task, cache_dir(params.output_dir), remember=not params.plan_only
     )
+    chat = None
+    if TASK_TABLE[params.task].rows == "conversation":
+        chat = ChatEncoding(template=resolve_chat_template(model_path, params.chat_template), train_on=params.train_on)
+    check_quantization(params.quantization, dispatched=params.training_dispatch == "deployment")
     _check_writable(params.output_dir)
     check_trackers(params.tracking, params.mlflow_tracking_uri, params.output_dir)
     name = params.dataset.resolved_name
@@ -110,6 +120,7 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
         model_path=model_path,
         model_identity=model_identity(model_path),
         root=str(root),
+        chat=chat,
     )
 
 
@@ -133,6 +144,9 @@ def resolve_config(plan: RunPlan, prepared: PreparedDataset) -> ResolvedConfig:
         total_steps=math.ceil(steps_per_epoch * settings.num_epochs),
         seed=plan.params.seed,
         code_version=code_version(),
+        generation=GenerationEval(conversations_path=prepared.splits["test"], template=plan.chat.template,
+                                  max_new_tokens=settings.max_new_tokens, max_length=settings.max_length)
+        if plan.chat else None,
     )
 
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import torch
 
+from loraflow.chat import end_of_turn, generation_case
+from loraflow.chat_eval import generate_reply, last_question
 from loraflow.errors import DataError
 from loraflow.evaluate import load_for_inference
 from loraflow.layout import atomic_write_jsonl, read_jsonl
+from loraflow.task_table import TASK_TABLE, classifier
 from loraflow.train.trainer import load_tokenizer
 
 
@@ -20,8 +23,9 @@ def run_sample_prompts(
     max_length: int,
     max_new_tokens: int,
 ) -> list[dict]:
-    """Classify each `{"text", "label"}` row, or greedily continue each `{"prompt", "input", "reference"}`
-    row from its `input` (the prompt in training format)."""
+    """Classify each `{"text", "label"}` row, greedily continue each `{"prompt", "input", "reference"}`
+    row from its `input` (the prompt in training format), or answer each `{"messages"}` row's last
+    assistant turn in the chat template the adapter's tokenizer was saved with."""
     try:
         rows = read_jsonl(prompts_path)
     except ValueError as error:
@@ -29,8 +33,10 @@ def run_sample_prompts(
     tokenizer = load_tokenizer(adapter_dir or model_path)
     model = load_for_inference(model_path, task, labels, adapter_dir)
     with torch.inference_mode():
-        if task == "sequence-classification":
+        if classifier(task):
             results = [_classify(model, tokenizer, row, list(labels or []), max_length) for row in rows]
+        elif TASK_TABLE[task].rows == "conversation":
+            results = [_answer(model, tokenizer, row, max_length, max_new_tokens) for row in rows]
         else:
             results = [_generate(model, tokenizer, row, max_length, max_new_tokens) for row in rows]
     atomic_write_jsonl(out_path, results)
@@ -60,6 +66,13 @@ def _generate(model, tokenizer, row: dict, max_length: int, max_new_tokens: int)
         "reference": row.get("reference"),
         "generated": tokenizer.decode(continuation, skip_special_tokens=True),
     }
+
+
+def _answer(model, tokenizer, row: dict, max_length: int, max_new_tokens: int) -> dict:
+    template = tokenizer.chat_template
+    prompt, reference = generation_case(tokenizer, row["messages"], template)
+    generated = generate_reply(model, tokenizer, prompt, end_of_turn(tokenizer, template), max_new_tokens, max_length)
+    return {"prompt": last_question(row["messages"]), "reference": reference, "generated": generated}
 
 
 def _encode(tokenizer, text: str, max_length: int, device) -> dict:

@@ -3,7 +3,7 @@
 A *preset* is a YAML file in `loraflow/presets/` with the `TrainingSettings` of one task type and
 model size; `resolve_training_settings` deep-merges a run's `overrides` over it, naming any
 unknown key and suggesting the closest valid one. Nothing here imports the rest of the core but
-its errors, so the parameter models (`loraflow.config`) and the grid expansion
+its errors and the task table, so the parameter models (`loraflow.config`) and the grid expansion
 (`loraflow.grid`) both build on it.
 """
 
@@ -18,13 +18,11 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from loraflow.errors import ConfigError
+from loraflow.task_table import TASK_TABLE
 
-Task = Literal["sequence-classification", "causal-lm"]
-TASKS: tuple[str, ...] = ("sequence-classification", "causal-lm")
-DEFAULT_PRESET: dict[str, str] = {
-    "sequence-classification": "classification-small",
-    "causal-lm": "causal-lm-llama",
-}
+TASKS: tuple[str, ...] = tuple(TASK_TABLE)
+Task = Literal[TASKS]  # type: ignore[valid-type]
+DEFAULT_PRESET: dict[str, str] = {name: task.default_preset for name, task in TASK_TABLE.items()}
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -13,7 +14,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Cancelled, Completed, Failed, State
 
 from loraflow.batch import BatchResult
+from loraflow.chat_eval import generation_table
 from loraflow.errors import TrainingStopped
+from loraflow.layout import atomic_write_jsonl
 from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, outcome_table, summary_markdown, write_csv, write_result
 from loraflow.variations import VariationsResult
@@ -31,6 +34,11 @@ def publish_summary(result: RunResult) -> None:
         key=artifact_key(result.name, "summary"),
         description=f"loraflow {result.name}: metrics, baseline, gates and timings",
     )
+    generations = generation_table(result.metrics, result.baseline)
+    if generations:  # chat: held-out answers of the base model and the adapter, in samples/ and as a table
+        atomic_write_jsonl(Path(result.paths["result"]).parent / "samples" / "generations.jsonl", generations)
+        create_table_artifact(table=generations, key=artifact_key(result.name, "generations"),
+                              description=f"loraflow {result.name}: held-out answers, base model and adapter")
     events.gates_checked(result)
 
 

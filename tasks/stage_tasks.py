@@ -23,6 +23,7 @@ from loraflow.plan import CACHED, PREPARED_NOW, WILL_RUN
 from tasks.data import dask_task_runner, prepare_dataset_task, tokenize_dataset
 from tasks.dispatch import train_stage
 from tasks.evaluation import evaluate_task, samples_task
+from tasks.export import export_merged_task
 from tasks.policies import transient_retries
 from tasks.registry import register_task
 from tasks.stages import StageRecorder, missing_outputs
@@ -33,6 +34,7 @@ STAGE_TASKS: dict[str, Task] = {
     "evaluate": evaluate_task,
     "samples": samples_task,
     "register": register_task,
+    "export": export_merged_task,
 }
 # Stages a plan runs for real: cheap, cached, and every later stage needs the facts they find (row counts, labels).
 RUN_BY_PLANS = {"prepare"}
@@ -47,7 +49,7 @@ def _tokenize(stages: StageRecorder, run: PipelineRun, arguments: dict[str, Any]
             tokenize = tokenize_dataset.with_options(task_runner=runner)
             shards[length], stage.cached = tokenize(
                 arguments["prepared"], arguments["tokenizer_path"], arguments["task"], length,
-                arguments["shard_size"], arguments["out_dir"], stages.result_storage,
+                arguments["shard_size"], arguments["out_dir"], stages.result_storage, arguments["chat"],
             )
     return shards
 
@@ -56,7 +58,7 @@ def shard_runner(arguments: dict[str, Any], max_length: int, dask_address: str |
     """Dask while shards remain to tokenise. When every shard file is already there (a re-run),
     each task only finds its file, and starting a cluster would cost more than all of them."""
     expected = expected_shards(arguments["prepared"], arguments["tokenizer_path"], arguments["task"], max_length,
-                               arguments["shard_size"], arguments["out_dir"])
+                               arguments["shard_size"], arguments["out_dir"], arguments["chat"])
     if all(Path(path).is_file() for paths in expected.values() for path in paths):
         return ThreadPoolTaskRunner(max_workers=4)
     return dask_task_runner(dask_address, arguments["prepared"])
@@ -122,7 +124,8 @@ def plan_stages(stages: list[Stage], run: PipelineRun, recorder: StageRecorder) 
             status[stage.name] = WILL_RUN
             continue
         if arguments is None:
-            status[stage.name] = stage.skipped
+            if stage.skipped:
+                status[stage.name] = stage.skipped
             continue
         if stage.name in RUN_BY_PLANS:
             run.outputs[stage.output] = recorder.run(stage.name, stage_task(stage), **arguments)

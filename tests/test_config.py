@@ -12,6 +12,7 @@ from loraflow.plan import plan_run
 from loraflow.settings import (
     available_presets,
     expand_dotted,
+    load_preset,
     resolve_training_settings,
 )
 
@@ -21,8 +22,7 @@ CLS = "sequence-classification"
 def test_every_shipped_preset_resolves_for_its_task():
     assert {"classification-small", "causal-lm-llama"} <= set(available_presets())
     for name in available_presets():
-        task = CLS if name.startswith("classification") else "causal-lm"
-        assert resolve_training_settings(name, {}, task).lora.r > 0
+        assert resolve_training_settings(name, {}, load_preset(name)["task"]).lora.r > 0
 
 
 def test_dotted_and_nested_overrides_merge_over_the_preset():

@@ -18,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 # Three topics a sentence encoder separates at once: a LoRA run of a few seconds learns them.
 EASY_LABELS = ["sports", "food", "weather"]
@@ -51,15 +52,21 @@ def tiny_corpus(n: int = 48, seed: int = 0) -> list[str]:
     ]
 
 
-def build_tiny_llama(out_dir: str | Path, corpus: list[str], vocab_size: int = 400) -> str:
-    """Train a byte-level BPE tokenizer on `corpus`, build a 2-layer Llama over it, save both to `out_dir`."""
+def build_tiny_llama(
+    out_dir: str | Path, corpus: list[str], vocab_size: int = 400, chat_template: str | None = None,
+    initializer_range: float = 0.02,
+) -> str:
+    """Train a byte-level BPE tokenizer on `corpus`, build a 2-layer Llama over it, save both to `out_dir`.
+    With `chat_template`, the tokenizer ships it, with ChatML's turn markers as special tokens. A larger
+    `initializer_range` gives the frozen output layer logits wide enough for LoRA to move the loss far."""
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     bpe.train_from_iterator(
         corpus,
         trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + (CHATML_TOKENS if chat_template else []),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
         ),
     )
     # Like Llama's own tokenizer: bos in front, no eos (generation prompts must not end in eos).
@@ -69,6 +76,9 @@ def build_tiny_llama(out_dir: str | Path, corpus: list[str], vocab_size: int = 4
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    if chat_template:
+        tokenizer.add_special_tokens({"additional_special_tokens": CHATML_TOKENS})
+        tokenizer.chat_template = chat_template
     torch.manual_seed(0)
     model = LlamaForCausalLM(
         LlamaConfig(
@@ -79,6 +89,7 @@ def build_tiny_llama(out_dir: str | Path, corpus: list[str], vocab_size: int = 4
             num_attention_heads=4,
             num_key_value_heads=4,
             max_position_embeddings=128,
+            initializer_range=initializer_range,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -117,3 +128,19 @@ def causal_lm_rows(tokenizer, texts: list[str], max_length: int = 64) -> list[di
         ids = (tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])[:max_length]
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)})
     return rows
+
+
+def chat_conversations(n: int = 36) -> list[dict[str, Any]]:
+    """Up to 36 distinct OpenAI-style `{"messages"}` rows: where an animal sat, asked in three ways, the
+    place following from the colour and the animal, so a tiny model can learn the answers."""
+    colours, animals, places = ["red", "blue", "green", "black"], ["cat", "dog", "bird"], ["mat", "roof", "bed"]
+    questions = ["where did the {} {} sit?", "tell me where the {} {} sat.", "the {} {} sat where?"]
+    rows = []
+    for question in questions:
+        for c, colour in enumerate(colours):
+            for a, animal in enumerate(animals):
+                rows.append({"messages": [
+                    {"role": "user", "content": question.format(colour, animal)},
+                    {"role": "assistant", "content": f"the {colour} {animal} sat on the {places[(c + a) % 3]}."},
+                ]})
+    return rows[:n]

@@ -24,12 +24,14 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from loraflow.chat import BadConversation, ConversationForm, conversation_form, normalise_conversation
 from loraflow.config import DatasetSpec
-from loraflow.data.readers import Record, read_records, source_files
+from loraflow.data.readers import Record, column_names, read_records, source_files
 from loraflow.errors import ConfigError, DataError
 from loraflow.fingerprint import hash_file, hash_json, source_version
 from loraflow.layout import atomic_write_bytes, atomic_write_json
 from loraflow.settings import TASKS
+from loraflow.task_table import TASK_TABLE
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 PROMPT_SEPARATOR = "\n"
@@ -74,7 +76,10 @@ def _columns(spec: DatasetSpec, task: str) -> dict[str, str]:
     """Input column -> the setting that names it, in the order rows are built from."""
     if task not in TASKS:
         raise ConfigError(f"task: unknown task {task!r} (valid: {', '.join(TASKS)})")
-    if task == "sequence-classification":
+    rows = TASK_TABLE[task].rows
+    if rows == "conversation":  # the columns are found per file (`conversation_form`)
+        return {"messages": "conversation_format"}
+    if rows == "labelled_text":
         pairs = [(spec.text_column, "text_column"), (spec.label_column, "label_column")]
     elif spec.prompt_column is not None and spec.completion_column is not None:
         pairs = [(spec.prompt_column, "prompt_column"), (spec.completion_column, "completion_column")]
@@ -92,7 +97,8 @@ def _files(spec: DatasetSpec, task: str, columns: dict[str, str]) -> list[tuple[
     if set(columns.values()) != {"text_column"}:
         for file, fmt in files:
             if fmt == "txt":
-                what = "label column" if task == "sequence-classification" else "prompt/completion columns"
+                what = {"labelled_text": "label column", "conversation": "conversations"}.get(
+                    TASK_TABLE[task].rows, "prompt/completion columns")
                 raise DataError(
                     f"{file}: a .txt file has no {what} (one example per line, text only); "
                     "use CSV/JSONL with those columns, or plain causal-lm text data"
@@ -139,7 +145,8 @@ class _Collector:
 
     def __init__(self, spec: DatasetSpec, task: str, columns: dict[str, str]) -> None:
         self.spec = spec
-        self.classification = task == "sequence-classification"
+        self.classification = TASK_TABLE[task].rows == "labelled_text"
+        self.chat = TASK_TABLE[task].rows == "conversation"
         self.prompt_completion = not self.classification and len(columns) == 2
         self.names = list(columns)  # column names, for reasons
         self.settings = list(columns.values())
@@ -154,24 +161,15 @@ class _Collector:
             {"file": record.file, "line": record.line, "reason": reason, "content": record.content, "kind": kind}
         )
 
-    def add(self, record: Record) -> None:
+    def add(self, record: Record, form: ConversationForm | None = None) -> None:
         if record.problem is not None:
             self.reject(record, *record.problem)
             return
-        values: list[str] = []
-        for position, raw in enumerate(record.values or ()):
-            if self.classification and position == 1:
-                value = self._label(record, raw)
-            else:
-                value = self._text(record, raw, position)
-            if not value:
-                if value is not None:  # None means _text already rejected it
-                    column, setting = self.names[position], self.settings[position]
-                    self.reject(record, f"empty_{column}", f"empty or missing {column!r} (dataset.{setting})")
-                return
-            values.append(value)
-        training_text = causal_prompt_text(values[0]) + values[1] if self.prompt_completion else values[0]
-        size, spec = len(training_text), self.spec
+        accepted = self._conversation(record, form) if form is not None else self._values(record)
+        if accepted is None:
+            return
+        values, training_text, size = accepted
+        spec = self.spec
         if size < spec.min_chars:
             self.reject(record, "too_short", f"text has {size} chars, fewer than dataset.min_chars={spec.min_chars}")
             return
@@ -191,6 +189,34 @@ class _Collector:
             return
         self.first_seen[digest] = (f"{record.file}:{record.line}", label)
         self.rows.append((digest, tuple(values)))
+
+    def _conversation(self, record: Record, form: ConversationForm) -> tuple[list[str], str, int] | None:
+        """A chat row as its canonical messages JSON (one value: what dedup hashes and the split keeps);
+        its size is the characters of its contents."""
+        try:
+            messages = normalise_conversation(form, record.values or (), self.spec)
+        except BadConversation as bad:
+            self.reject(record, bad.kind, bad.reason)
+            return None
+        text = json.dumps(messages, ensure_ascii=False)
+        return [text], text, sum(len(message["content"]) for message in messages)
+
+    def _values(self, record: Record) -> tuple[list[str], str, int] | None:
+        """A row's column values, normalised, with its training text and that text's size."""
+        values: list[str] = []
+        for position, raw in enumerate(record.values or ()):
+            if self.classification and position == 1:
+                value = self._label(record, raw)
+            else:
+                value = self._text(record, raw, position)
+            if not value:
+                if value is not None:  # None means _text already rejected it
+                    column, setting = self.names[position], self.settings[position]
+                    self.reject(record, f"empty_{column}", f"empty or missing {column!r} (dataset.{setting})")
+                return None
+            values.append(value)
+        training_text = causal_prompt_text(values[0]) + values[1] if self.prompt_completion else values[0]
+        return values, training_text, len(training_text)
 
     def _text(self, record: Record, raw: Any, position: int) -> str | None:
         if isinstance(raw, str):
@@ -254,7 +280,7 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path) -> Prepa
     atomic_write_bytes(rejects_path, rejects_payload)
     failed_rejects_path.unlink(missing_ok=True)
 
-    make_row = _row_maker(labels, collector.prompt_completion, _source_of(collector, spec))
+    make_row = _row_maker(labels, collector, _source_of(collector, spec))
     payloads = {split: _jsonl_bytes([make_row(digest, values) for digest, values in by_split[split]])
                 for split in SPLITS}
     payloads["train"] *= spec.repeats
@@ -321,8 +347,9 @@ def _collect(
     """Feed every record to the collector, stopping once `max_rows` rows were accepted."""
     add = collector.add
     for file, fmt in files:
-        for record in read_records(file, fmt, columns):
-            add(record)
+        form = conversation_form(file, column_names(file, fmt), collector.spec) if collector.chat else None
+        for record in read_records(file, fmt, form.columns if form else columns):
+            add(record, form)
             if max_rows is not None and len(collector.rows) >= max_rows:
                 return
 
@@ -459,12 +486,14 @@ def _source_of(collector: _Collector, spec: DatasetSpec) -> Any:
     return source
 
 
-def _row_maker(labels: list[str] | None, prompt_completion: bool, source: Any) -> Any:
+def _row_maker(labels: list[str] | None, collector: _Collector, source: Any) -> Any:
     """(digest, values) -> the normalised JSONL row of the task: the shapes `tokenize.py` and evaluation read."""
+    if collector.chat:
+        return lambda digest, values: {"messages": json.loads(values[0]), "source": source(digest)}
     if labels is not None:
         label_ids = {name: i for i, name in enumerate(labels)}
         return lambda _, values: {"text": values[0], "label": values[1], "label_id": label_ids[values[1]]}
-    if prompt_completion:
+    if collector.prompt_completion:
         return lambda digest, values: {"prompt": values[0], "completion": values[1], "source": source(digest)}
     return lambda _, values: {"text": values[0]}
 
@@ -488,6 +517,8 @@ def _sample_prompts(test_rows: list[_Row], collector: _Collector) -> list[dict[s
             keyed.append((rank[values[1]], digest, values))
             rank[values[1]] += 1
         return [{"text": v[0], "label": v[1]} for _, _, v in sorted(keyed)[:SAMPLE_PROMPTS]]
+    if collector.chat:  # rendered with the chat template where they are run
+        return [{"messages": json.loads(values[0])} for _, values in ordered[:SAMPLE_PROMPTS]]
     samples = []
     for _, values in ordered[:SAMPLE_PROMPTS]:
         # `input` is exactly what generation is fed: the training format, up to the answer.

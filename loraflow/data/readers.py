@@ -109,6 +109,25 @@ def read_records(file: Path, fmt: str, columns: Mapping[str, str]) -> Iterator[R
     raise DataError(f"{file}: unsupported format {fmt!r}; set dataset.format to one of jsonl, csv, txt, parquet")
 
 
+def column_names(file: Path, fmt: str) -> list[str]:
+    """The columns of a file (CSV header, Parquet schema, keys of the first JSON object): what a
+    conversation file's row form is found from. Unreadable files give none; reading them says why."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return list(pq.ParquetFile(file).schema_arrow.names)
+        except Exception:  # pyarrow raises several types for a non-parquet file
+            return []
+    if fmt in ("csv", "tsv"):
+        with open(file, encoding="utf-8-sig", errors="replace", newline="") as handle:
+            header = next((row for row in csv.reader(handle, delimiter="\t" if fmt == "tsv" else ",") if row), [])
+        return [column.strip() for column in header]
+    if fmt == "jsonl":
+        return next((list(value) for _, value, _, _ in _json_items(file) if isinstance(value, dict)), [])
+    return []
+
+
 def missing_column_error(file: Path | str, column: str, setting: str, present: list[str]) -> DataError:
     """One line that names the column, the file, the columns that are there, and the closest match."""
     close = difflib.get_close_matches(column, present, n=1, cutoff=0.5)
@@ -160,16 +179,19 @@ def _read_txt(file: Path, columns: Mapping[str, str]) -> Iterator[Record]:
         raise DataError(f"{file}: file is empty (only blank lines); remove it or add rows")
 
 
-def _read_json(file: Path, columns: Mapping[str, str]) -> Iterator[Record]:
+def _json_items(file: Path) -> Iterator[tuple[int, Any, tuple[str, str] | None, str]]:
     """JSON lines; a `.json` file whose first character is `[` is read as one JSON array instead."""
     with open(file, "rb") as handle:
         head = handle.read(4096).lstrip(_BOM).lstrip()
     if not head:
         raise DataError(f"{file}: file is empty (only blank lines); remove it or add rows")
     if head.startswith(b"[") and file.suffix.lower() == ".json":
-        items = _json_array(file)
-    else:
-        items = _json_lines(file)
+        return _json_array(file)
+    return _json_lines(file)
+
+
+def _read_json(file: Path, columns: Mapping[str, str]) -> Iterator[Record]:
+    items = _json_items(file)
     wanted = tuple(columns)
     found = dict.fromkeys(wanted, 0)
     first_keys: list[str] | None = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections import Counter
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
@@ -29,10 +30,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from loraflow.chat import ChatEncoding, assistant_spans, training_template
 from loraflow.data.prepare import SPLITS, PreparedDataset, causal_prompt_text
 from loraflow.errors import DataError
 from loraflow.fingerprint import hash_json
 from loraflow.layout import atomic_write_bytes, atomic_write_jsonl, read_jsonl
+from loraflow.task_table import TASK_TABLE, classifier
 
 IGNORE_INDEX = -100  # label value the loss skips (PyTorch's CrossEntropyLoss default)
 
@@ -51,6 +54,7 @@ class Shard(BaseModel):
     fingerprint: str
     offset: int | None = None
     truncate_prompt: str | None = None  # dataset.truncate_prompt
+    chat: ChatEncoding | None = None  # task chat: how conversations become tokens
 
 
 # A shard also closes at this much prepared JSONL, so long rows (causal-LM documents) make
@@ -58,9 +62,10 @@ class Shard(BaseModel):
 SHARD_MAX_BYTES = 4 * 2**20
 
 
-def plan_shards(prepared: PreparedDataset, shard_size: int) -> list[Shard]:
+def plan_shards(prepared: PreparedDataset, shard_size: int, chat: ChatEncoding | None = None) -> list[Shard]:
     """Cover every row of every split (train, validation, test) with no overlap, in shards of
-    at most `shard_size` rows and SHARD_MAX_BYTES (a row longer than that is a shard alone).
+    at most `shard_size` rows and SHARD_MAX_BYTES (a row longer than that is a shard alone);
+    a chat dataset's shards carry `chat`, how they are templated.
 
     An empty split still gets one empty shard, so every split has a (possibly empty) Parquet file.
     """
@@ -76,35 +81,37 @@ def plan_shards(prepared: PreparedDataset, shard_size: int) -> list[Shard]:
         with open(source, "rb") as handle:
             for line in handle:
                 if chunk and (len(chunk) == shard_size or chunk_bytes + len(line) > SHARD_MAX_BYTES):
-                    shards.append(_shard(split, source, start, chunk, offset, prepared.truncate_prompt))
+                    shards.append(_shard(split, source, start, chunk, offset, prepared.truncate_prompt, chat))
                     start, offset = start + len(chunk), offset + chunk_bytes
                     chunk, chunk_bytes = [], 0
                 chunk.append(line)
                 chunk_bytes += len(line)
         if chunk or len(shards) == before:
-            shards.append(_shard(split, source, start, chunk, offset, prepared.truncate_prompt))
+            shards.append(_shard(split, source, start, chunk, offset, prepared.truncate_prompt, chat))
     return shards
 
 
-def _shard(split: str, source: str, start: int, lines: list[bytes], offset: int, truncate_prompt: str | None) -> Shard:
+def _shard(split: str, source: str, start: int, lines: list[bytes], offset: int, truncate_prompt: str | None,
+           chat: ChatEncoding | None) -> Shard:
     fingerprint = hashlib.sha256(b"".join(lines)).hexdigest()
     stop = start + len(lines)
     return Shard(split=split, source=source, start=start, stop=stop, fingerprint=fingerprint, offset=offset,
-                 truncate_prompt=truncate_prompt)
+                 truncate_prompt=truncate_prompt, chat=chat)
 
 
 def shard_file_name(shard: Shard, tokenizer_path: str, task: str, max_length: int) -> str:
     """`<split>-<start>-<content hash>-<settings hash>.parquet`: equal name means equal content."""
     settings = hash_json({"tokenizer": str(tokenizer_path), "task": task, "max_length": max_length,
-                          "truncate_prompt": shard.truncate_prompt, "rejects": 1})
+                          "truncate_prompt": shard.truncate_prompt, "rejects": 1,
+                          **({"chat": shard.chat.model_dump()} if shard.chat else {})})
     return f"{shard.split}-{shard.start:010d}-{shard.fingerprint[:16]}-{settings[:8]}.parquet"
 
 
 def tokenize_shard(shard: Shard, tokenizer_path: str, task: str, max_length: int, out_dir: str | Path) -> str:
     """Tokenise one shard into `out_dir` and return the Parquet path (existing file reused)."""
-    encode = _ENCODERS.get(task)
-    if encode is None:
-        raise DataError(f"task: unknown task {task!r} (valid: {', '.join(_ENCODERS)})")
+    if task not in TASK_TABLE:
+        raise DataError(f"task: unknown task {task!r} (valid: {', '.join(TASK_TABLE)})")
+    encode = _ENCODERS[TASK_TABLE[task].rows]
     path = Path(out_dir) / shard_file_name(shard, tokenizer_path, task, max_length)
     if path.is_file():
         return str(path)
@@ -143,11 +150,14 @@ def collect_rejects(prepared: PreparedDataset, shard_paths: list[str], max_lengt
     counts, bound = manifest["counts"], manifest["spec"]["max_reject_fraction"]
     rejected, total = counts["rejected"] + len(rejects), counts["rejected"] + counts["accepted"]
     if rejected / total > bound:
+        kinds = ", ".join(f"{kind}: {n}" for kind, n in Counter(row["kind"] for row in rejects.values()).items())
+        chat = TASK_TABLE[manifest["task"]].rows == "conversation"
+        fix = ("shorten the conversations, raise max_length" if chat
+               else "shorten the prompts, raise max_length, set dataset.truncate_prompt: left")
         raise DataError(
             f"{manifest['spec']['path']}: {rejected} of {total} rows rejected ({rejected / total:.0%}; "
-            f"prompt_fills_max_length: {len(rejects)}, when preparing: {counts['rejected']}), more than "
-            f"dataset.max_reject_fraction={bound}; see {path}: shorten the prompts, raise max_length, set "
-            "dataset.truncate_prompt: left, or raise dataset.max_reject_fraction"
+            f"{kinds}, when preparing: {counts['rejected']}), more than "
+            f"dataset.max_reject_fraction={bound}; see {path}: {fix}, or raise dataset.max_reject_fraction"
         )
     return str(path), len(rejects)
 
@@ -291,7 +301,35 @@ def _all_attended(input_ids: list[list[int]]) -> list[list[int]]:
     return [[1] * len(ids) for ids in input_ids]
 
 
-_ENCODERS = {"sequence-classification": _classification, "causal-lm": _causal}
+def _chat(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Shard) -> _Encoded:
+    """Templated conversations, loss on the turns `train_on` names; a conversation longer than
+    `max_length` is left out whole (cutting it would train on a turn with its end cut off)."""
+    if shard.chat is None:
+        raise DataError(f"{shard.source}: a chat shard needs its chat template (Shard.chat)")
+    template, train_on = training_template(tokenizer, shard.chat.template), shard.chat.train_on
+    input_ids, labels, rejects = [], [], []
+    for row, messages in zip(rows, _field(rows, "messages", shard)):
+        ids, spans = assistant_spans(tokenizer, messages, template)
+        if len(ids) > max_length:
+            rejects.append({"source": row["source"], "reject": _too_long(row, len(ids), max_length)})
+            continue
+        kept = [range(len(ids))] if train_on == "all" else spans[-1:] if train_on == "last" else spans
+        row_labels = [IGNORE_INDEX] * len(ids)
+        for span in kept:
+            row_labels[span.start:span.stop] = ids[span.start:span.stop]
+        input_ids.append(ids)
+        labels.append(row_labels)
+    return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}, rejects
+
+
+def _too_long(row: dict[str, Any], tokens: int, max_length: int) -> dict[str, Any]:
+    reason = (f"conversation has {tokens} tokens after templating, more than max_length={max_length}; shorten it "
+              "or raise max_length")
+    return {"reason": reason, "content": json.dumps(row["messages"], ensure_ascii=False)[:200],
+            "kind": "too_long_for_max_length"}
+
+
+_ENCODERS = {"labelled_text": _classification, "text": _causal, "conversation": _chat}  # by TaskDef.rows
 
 
 def _prompt_mask(spans: list[tuple[int, int]], prompt_end: int) -> list[bool]:
@@ -309,7 +347,7 @@ def _parquet_bytes(columns: dict[str, list], task: str, shard: Shard) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    label_type = pa.int64() if task == "sequence-classification" else pa.list_(pa.int32())
+    label_type = pa.int64() if classifier(task) else pa.list_(pa.int32())
     schema = pa.schema(
         [("input_ids", pa.list_(pa.int32())), ("attention_mask", pa.list_(pa.int8())), ("labels", label_type)],
         metadata={"loraflow.task": task, "loraflow.split": shard.split, "loraflow.rows_sha256": shard.fingerprint},

@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from loraflow.data.tokenize import IGNORE_INDEX
 from loraflow.errors import DataError
+from loraflow.task_table import classifier
 
 _COLUMNS = ("input_ids", "attention_mask", "labels")
 
@@ -55,7 +56,7 @@ def collator_for(task: str, tokenizer):
         return {
             "input_ids": pad([row["input_ids"] for row in features], pad_id),
             "attention_mask": pad([row["attention_mask"] for row in features], 0),
-            "labels": torch.tensor(labels) if task == "sequence-classification" else pad(labels, IGNORE_INDEX),
+            "labels": torch.tensor(labels) if classifier(task) else pad(labels, IGNORE_INDEX),
         }
 
     return collate

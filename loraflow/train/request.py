@@ -28,6 +28,11 @@ class TrainRequest(BaseModel):
     seed: int = 42
     processes: int = Field(default=1, ge=1, description="Training processes in all (devices x nodes), one per device.")
     tracking: TrackingRequest | None = Field(default=None, description="Trackers the Trainer reports step metrics to.")
+    quantization: str | None = Field(default=None, description="QLoRA: `4bit` or `8bit` base (bitsandbytes, CUDA).")
+    packing: bool = Field(default=False, description="Pack the training rows, padding-free (loraflow.train.packing).")
+    chat_template: str | None = Field(
+        default=None, description="Chat: the template the data was rendered with, saved with the adapter's tokenizer."
+    )
 
     @property
     def effective_batch_size(self) -> int:

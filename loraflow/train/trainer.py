@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import resource
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
+from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
@@ -32,7 +30,9 @@ from transformers import (
 
 from loraflow.data.prepare import label_map
 from loraflow.errors import ConfigError, DataError, TrainingStopped
-from loraflow.layout import atomic_write_json
+from loraflow.layout import atomic_write_dir, atomic_write_json
+from loraflow.quantization import quantized_loading
+from loraflow.task_table import classifier
 from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: part of this module's API)
     config_fingerprint,
     find_resumable_checkpoint,
@@ -42,6 +42,7 @@ from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: par
 )
 from loraflow.train.data import TokenizedDataset, collator_for
 from loraflow.train.device import DevicePlan, pick_device
+from loraflow.train.packing import packed_rows, padding_free_collator
 from loraflow.train.reporting import guard_trackers, report_to
 from loraflow.train.request import (
     ProgressUpdate,
@@ -50,7 +51,6 @@ from loraflow.train.request import (
     smaller_batch,
 )
 
-CLASSIFICATION = "sequence-classification"
 STOP_CHECK_SECONDS = 1.0
 
 
@@ -62,11 +62,14 @@ def load_tokenizer(model_path: str):
     return tokenizer
 
 
-def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=None):
-    """The base model for `task`; classification gets a fresh head sized and named by `labels`."""
+def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=None, quantization: str | None = None):
+    """The base model for `task`; classification gets a fresh head sized and named by `labels`; a causal
+    LM is loaded quantized for QLoRA training when `quantization` says so."""
     dtype = dtype or torch.float32  # transformers 5 defaults to the checkpoint's dtype; be explicit
-    if task != CLASSIFICATION:
-        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    if not classifier(task):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **quantized_loading(quantization, dtype))
+        # peft's k-bit preparation: norms in fp32, inputs that carry gradients into the frozen quantized layers
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False) if quantization else model
     if not labels:
         raise ConfigError("labels: sequence classification needs the list of label names")
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -107,14 +110,15 @@ def train_adapter(
     if len(train_data) == 0:
         raise DataError(f"train split is empty ({len(request.train_shards)} shards)")
     eval_data = TokenizedDataset(request.eval_shards) if request.eval_shards else None
+    train_rows = packed_rows(train_data.columns, request.settings.max_length) if request.packing else train_data
     settings = request.settings
     while True:
         attempt = request.model_copy(update={"settings": settings})
         resume_from = find_resumable_checkpoint(request.checkpoint_dir, log) if checkpoints_prepared else \
             prepare_checkpoints(attempt, log)
         try:
-            return _train_once(attempt, plan, resume_from, train_data, eval_data, on_progress, log, should_stop,
-                               callbacks)
+            return _train_once(attempt, plan, resume_from, train_data, train_rows, eval_data, on_progress, log,
+                               should_stop, callbacks)
         except torch.cuda.OutOfMemoryError as error:
             if not back_off_out_of_memory:
                 raise
@@ -134,6 +138,7 @@ def _train_once(
     plan: DevicePlan,
     resume_from: str | None,
     train_data: TokenizedDataset,
+    train_rows: Any,
     eval_data: TokenizedDataset | None,
     on_progress: Callable[[ProgressUpdate], None] | None,
     log: Callable[[str], None],
@@ -148,13 +153,16 @@ def _train_once(
 
     set_seed(request.seed)  # before loading: the classifier head and LoRA weights are initialised here
     tokenizer = load_tokenizer(request.model_path)
+    if request.chat_template is not None:  # inference then renders conversations as training did
+        tokenizer.chat_template = request.chat_template
     model = _peft_model(request, plan)
     stopper = _StopWhenAsked(should_stop)
     trainer = Trainer(
         model=model,
         args=_training_arguments(request, plan, with_eval=eval_data is not None),
-        data_collator=collator_for(request.task, tokenizer),
-        train_dataset=train_data,
+        # Padding-free rows: the same collator serves evaluation, each unpacked row its own example.
+        data_collator=padding_free_collator(tokenizer) if request.packing else collator_for(request.task, tokenizer),
+        train_dataset=train_rows,
         eval_dataset=eval_data,
         processing_class=tokenizer,
         callbacks=[
@@ -177,7 +185,7 @@ def _train_once(
         _save_adapter(trainer.model, tokenizer, request)
     steps_this_run = output.global_step - (resumed_from_step or 0)
     samples_per_second = output.metrics.get("train_samples_per_second")
-    tokens_per_sample = train_data.num_tokens() / len(train_data)
+    tokens_per_sample = train_data.num_tokens() / len(train_rows)  # a sample is a packed row when packing
     return TrainResult(
         adapter_dir=str(Path(request.adapter_dir)),
         global_step=output.global_step,
@@ -203,7 +211,7 @@ def _peak_memory_mb(plan: DevicePlan) -> float:
 
 def _peft_model(request: TrainRequest, plan: DevicePlan):
     lora = request.settings.lora
-    classification = request.task == CLASSIFICATION
+    classification = classifier(request.task)
     config = LoraConfig(
         # SEQ_CLS makes peft train the classifier head in full (modules_to_save); LoRA alone cannot fit a fresh head
         task_type=TaskType.SEQ_CLS if classification else TaskType.CAUSAL_LM,
@@ -212,7 +220,8 @@ def _peft_model(request: TrainRequest, plan: DevicePlan):
         lora_dropout=lora.dropout,
         target_modules=None if lora.target_modules == "auto" else lora.target_modules,  # None: peft's per-model default
     )
-    base = load_base_model(request.model_path, request.task, request.labels, dtype=model_dtype(plan))
+    base = load_base_model(request.model_path, request.task, request.labels, dtype=model_dtype(plan),
+                           quantization=request.quantization)
     return get_peft_model(base, config)
 
 
@@ -243,7 +252,7 @@ def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool
         # The Trainer scales each rank's loss by the number of processes so that a loss averaged over
         # all ranks' tokens comes out right; a classifier averages over its own batch, so that scaling
         # would multiply its gradients (and its logged loss) by the number of processes.
-        average_tokens_across_devices=request.task != CLASSIFICATION,
+        average_tokens_across_devices=not classifier(request.task),
         seed=request.seed,
         data_seed=request.seed,
         report_to=report_to(request.tracking),
@@ -337,16 +346,12 @@ def _progress_line(update: ProgressUpdate, logs: dict[str, Any]) -> str:
 
 
 def _save_adapter(model, tokenizer, request: TrainRequest) -> None:
-    """Write the adapter beside its destination, then swap it in: a reader never sees half an adapter."""
-    final = Path(request.adapter_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging, retired = (final.parent / f".{final.name}.{kind}-{os.getpid()}" for kind in ("new", "old"))
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    if request.task == CLASSIFICATION:
-        atomic_write_json(staging / "label_map.json", label_map(request.labels or []))
-    if final.exists():
-        os.replace(final, retired)
-    os.replace(staging, final)
-    shutil.rmtree(retired, ignore_errors=True)
+    """Adapter, tokenizer (with a chat run's template) and label map, swapped in whole."""
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if classifier(request.task):
+            atomic_write_json(staging / "label_map.json", label_map(request.labels or []))
+
+    atomic_write_dir(request.adapter_dir, write)

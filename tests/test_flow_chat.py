@@ -1,0 +1,84 @@
+"""`task: chat` through the `single` flow: OpenAI (with a role mapping), ShareGPT and Alpaca files on a
+tiny local Llama with a template it never had (`chatml`), scored against the base model by perplexity,
+exact match and ROUGE-L, and exported merged."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from flows.single import single
+from loraflow.chat import CHATML
+from loraflow.config import SingleParams
+from loraflow.errors import ConfigError
+from loraflow.layout import read_jsonl
+from loraflow.plan import plan_run
+from tests.tiny_models import build_tiny_llama, chat_conversations, tiny_corpus
+
+
+def write_three_forms(folder: Path) -> Path:
+    """The conversations as a folder of OpenAI (with the role name `bot`), ShareGPT and Alpaca files."""
+    folder.mkdir()
+    rows = chat_conversations()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"messages": [
+        row["messages"][0], {"role": "bot", "content": row["messages"][1]["content"]}]}) + "\n" for row in rows[:12]))
+    (folder / "b.json").write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": row["messages"][0]["content"]},
+        {"from": "gpt", "value": row["messages"][1]["content"]}]} for row in rows[12:24]]))
+    alpaca = {"instruction": [row["messages"][0]["content"] for row in rows[24:]],
+              "output": [row["messages"][1]["content"] for row in rows[24:]]}
+    pq.write_table(pa.table(alpaca), folder / "c.parquet")
+    return folder
+
+
+def chat_params(tmp_path: Path, **changes) -> SingleParams:
+    answers = [row["messages"][1]["content"] for row in chat_conversations()]
+    model_dir = build_tiny_llama(tmp_path / "tiny-llama", tiny_corpus() + answers, initializer_range=0.3)
+    params = {
+        "dataset": {"path": str(write_three_forms(tmp_path / "chats")), "test_fraction": 0.2,
+                    "roles": {"bot": "assistant"}},
+        "task": "chat",
+        "model": model_dir,
+        "chat_template": "chatml",
+        "overrides": {"num_epochs": 12, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 0.02,
+                      "max_length": 96, "save_steps": 1000, "max_new_tokens": 12},
+        "gates": {"rouge_l": 0.3, "perplexity": 1e6},
+        "output_dir": str(tmp_path / "runs"),
+        **changes,
+    }
+    return SingleParams(**params)
+
+
+def test_a_model_without_a_chat_template_is_refused_before_any_work(tmp_path):
+    params = chat_params(tmp_path, chat_template=None)
+    with pytest.raises(ConfigError, match="^chat_template: model 'tiny-llama' has no chat template"):
+        plan_run(params)
+    assert not Path(params.output_dir).exists()
+
+
+def test_chat_on_a_local_tiny_llama(prefect_server, tmp_path):
+    state = single(chat_params(tmp_path, export="merged"), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert {"perplexity", "eval_loss", "exact_match", "rouge_l"} <= set(result.metrics) & set(result.baseline)
+    assert result.counts["rejected"] == 0 and sum(result.counts[s] for s in ("train", "validation", "test")) == 36
+    assert result.metrics["rouge_l"] > result.baseline["rouge_l"] and result.gates["rouge_l"].passed
+    assert result.metrics["perplexity"] < result.baseline["perplexity"]
+    assert AutoTokenizer.from_pretrained(result.adapter_path).chat_template == CHATML
+    merged = AutoModelForCausalLM.from_pretrained(result.paths["merged"])
+    assert Path(result.paths["merged"]) == Path(tmp_path / "runs" / "chats" / "merged").resolve()
+    tokenizer = AutoTokenizer.from_pretrained(result.paths["merged"])
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "where did the red cat sit?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert merged.generate(**prompt, max_new_tokens=4, do_sample=False).shape[1] > prompt["input_ids"].shape[1]
+    [first, *_] = read_jsonl(Path(result.paths["result"]).parent / "samples" / "generations.jsonl")
+    assert set(first) == {"prompt", "reference", "base", "adapter"}
+    assert first["prompt"].startswith(("where", "tell", "the")) and first["reference"].startswith("the ")
+    assert "report" in result.paths  # report.html shows the chat samples
+    samples = [json.loads(line) for line in Path(result.paths["samples"]).read_text().splitlines()]
+    assert samples and all(sample["reference"].startswith("the ") and "generated" in sample for sample in samples)
