@@ -37,7 +37,7 @@ from loraflow.layout import atomic_write_json
 from loraflow.model_process import run_model_work
 from loraflow.models import model_identity
 from loraflow.plan import ResolvedConfig, RunPlan, resolve_config
-from loraflow.promotion import PromotionRequest
+from loraflow.promotion import Champion, PromotionRequest
 from loraflow.registry import AliasMove, Registry, RegistryVersion
 from loraflow.train.launch import LaunchOptions, run_training
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
@@ -158,8 +158,12 @@ class PipelineRun:
 
     @property
     def promotion(self) -> PromotionRequest:
-        """This run's side of the promotion decision: the rule, the verdicts and the baseline."""
-        return self.params.promotion(self.gates.values(), self.outputs.get("baseline") or {})
+        """This run's side of the promotion decision: the rule, the verdicts, the baseline, and the
+        champion as evaluated on this run's test split (the `champion` stage), when it was."""
+        if "champion" not in self.outputs and champion_arguments(self) is not None:
+            raise NotProducedYet("champion")  # a plan's champion evaluation that would run
+        request = self.params.promotion(self.gates.values(), self.outputs.get("baseline") or {})
+        return request.model_copy(update={"champion": self.outputs.get("champion")})
 
 
 def expected_shards(prepared: PreparedDataset, tokenizer_path: str, task: str, max_length: int, shard_size: int,
@@ -281,6 +285,46 @@ def sample_predictions(config: ResolvedConfig, adapter_dir: str, prompts_path: s
     return str(out_path)
 
 
+def champion_arguments(run: PipelineRun) -> dict[str, Any] | None:
+    """The version the alias points at now, to evaluate on this run's test split; None when there is
+    none, the rule does not compare (`promote_if` other than `better`), or it is this very version."""
+    if run.registry_alias is None or run.params.promote_if != "better":
+        return None
+    index = Registry(run.params.registry_root).index(run.config.name)
+    number = index.aliases.get(run.registry_alias)
+    if number is None or index.get(number).key == run.config.fingerprint:
+        return None
+    return {"config": run.config, "test_shards": run.shards["test"], "champion": index.get(number),
+            "out_path": run.plan.layout.eval / "champion.json"}
+
+
+def champion_key(arguments: dict[str, Any]) -> str:
+    """This run's config and test split, and the champion's own bytes: a rollback or a new champion
+    is evaluated again."""
+    champion: RegistryVersion = arguments["champion"]
+    found = Path(champion.path).is_dir()
+    return fingerprint_key("champion", arguments["config"].fingerprint, arguments["test_shards"], champion.version,
+                           adapter_fingerprint(champion.path) if found else None, str(arguments["out_path"]))
+
+
+def evaluate_champion(config: ResolvedConfig, test_shards: list[str], champion: RegistryVersion, out_path: Path,
+                      log: Log = _quiet) -> Champion:
+    """The champion's metrics on this run's own test split, or in one line why it cannot be evaluated
+    (its folder is damaged, it adapts another base model, or it predicts other labels)."""
+    card_config = champion.card.get("config") or {}
+    problem = Registry.problem(champion)
+    if problem:
+        unavailable = f"its folder {champion.path} {problem}"
+    elif champion.card.get("model_identity") != config.model_identity:
+        unavailable = f"it adapts another base model ({champion.card.get('base_model')})"
+    elif card_config.get("labels") != config.labels:
+        unavailable = f"it predicts other labels ({card_config.get('labels')})"
+    else:
+        return Champion(version=champion.version, metrics=evaluate(config, test_shards, champion.path, out_path, log))
+    log(f"{config.name} v{champion.version} cannot be evaluated on this run's test split: {unavailable}")
+    return Champion(version=champion.version, unavailable=unavailable)
+
+
 def export_key(arguments: dict[str, Any]) -> str:
     """The base model and the adapter's bytes: a retrained adapter is merged again."""
     return fingerprint_key("export-merged", arguments["config"].model_identity,
@@ -396,6 +440,10 @@ TRAINING_STAGES: list[Stage] = [
         arguments=lambda run: {"config": run.config, "adapter_dir": run["trained"].adapter_dir,
                                "prompts_path": run["prepared"].sample_prompts_path,
                                "out_path": run.plan.layout.samples / "predictions.jsonl"},
+    ),
+    Stage(
+        name="champion", output="champion", function=evaluate_champion, cache_key=champion_key,
+        arguments=champion_arguments,
     ),
     Stage(
         name="export", output="merged", function=export_merged, cache_key=export_key,

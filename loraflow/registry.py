@@ -200,7 +200,7 @@ class Registry:
         """What is wrong with the folder of the version registered for `key`; None when it is whole
         or nothing is registered for `key`. A cache key over it lets a damaged folder be restored."""
         version = next((v for v in self._read(name).versions if v.key == key), None)
-        return self._problem(version) if version is not None else None
+        return self.problem(version) if version is not None else None
 
     def register(
         self,
@@ -246,7 +246,7 @@ class Registry:
                 self._freeze(version, adapter_dir)
                 index.versions.append(version)
                 outcome = "created"
-            elif problem := self._problem(version):
+            elif problem := self.problem(version):
                 if version.adapter_fingerprint not in (None, fingerprint):
                     raise RegistryError(
                         f"registry: {version.path} (v{version.version} of {name}) {problem}, and {adapter_dir} is "
@@ -284,7 +284,7 @@ class Registry:
         version.files = {str(p.relative_to(target)): p.stat().st_size for p in sorted(target.rglob("*")) if p.is_file()}
 
     @staticmethod
-    def _problem(version: RegistryVersion) -> str | None:
+    def problem(version: RegistryVersion) -> str | None:
         """What is wrong with a version's folder (deleted or half copied by hand), or None when whole."""
         path = Path(version.path)
         if not path.is_dir():
@@ -339,7 +339,7 @@ class Registry:
         version = next((v for v in index.versions if str(v.version) == str(number)), None)
         if version is None:
             raise ConfigError(f"registry: {name} has no version or alias {alias_or_version!r}")
-        if problem := self._problem(version):
+        if problem := self.problem(version):
             raise RegistryError(
                 f"registry: {version.path} (v{version.version} of {name}) {problem}; re-run the parameters that "
                 "produced it to restore it from their adapter, or point the alias elsewhere (rollback)"

@@ -68,6 +68,9 @@ def test_a_worse_second_run_is_registered_but_does_not_take_production(prefect_s
     assert (result.registry_version, Registry(barely_trained.registry_root).index("reviews").aliases["production"]) \
         == (2, 1)
     assert not result.promotion.promote and result.promotion.champion == 1
+    assert result.cached["champion"] is False  # production's adapter was evaluated on this run's own test split
+    assert json.loads((Path(result.paths["result"]).parent / "eval" / "champion.json").read_text())["accuracy"] \
+        == result.promotion.comparison[0].champion
     assert result.promotion.reason.startswith("not better than production v1 by 0.0: accuracy -")
     row = result.promotion.comparison[0]
     assert (row.metric, row.champion, row.candidate) == ("accuracy", first.result().metrics["accuracy"],

@@ -133,3 +133,40 @@ def test_summaries_show_warnings_and_the_decision():
     assert "| accuracy | 0.3000 | 0.9500 | 0.9000 | -0.0500 |" in summary_markdown(result)
     html = run_report_html(result, {}, {})
     assert "<th>champion v1</th>" in html and "WARN (warning, profile staging)" in html
+
+
+def test_a_champion_that_cannot_be_evaluated_says_why_in_one_line_without_loading_a_model(tmp_path):
+    """Deleted files, another base model, other labels: the reason, not an evaluation that would fail."""
+    import shutil
+
+    from loraflow.fingerprint import code_version
+    from loraflow.pipeline import evaluate_champion
+    from loraflow.plan import ResolvedConfig
+    from loraflow.registry import Registry
+    from loraflow.settings import resolve_training_settings
+
+    config = ResolvedConfig(name="tickets", task="sequence-classification", model="/models/a", model_identity="a",
+                            preset="classification-small", labels=["bug", "question"],
+                            settings=resolve_training_settings("classification-small", {}, "sequence-classification"),
+                            dataset_fingerprint="d", train_rows=10, steps_per_epoch=1, total_steps=1, seed=1,
+                            code_version=code_version())
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    registry = Registry(tmp_path / "registry")
+
+    def champion(key: str, **card):
+        base = {"model_identity": "a", "base_model": "/models/a", "config": {"labels": ["bug", "question"]}}
+        version, _ = registry.register("tickets", adapter, key, {**base, **card}, {"accuracy": 0.9}, True)
+        return version
+
+    other_model = evaluate_champion(config, [], champion("k1", model_identity="b", base_model="/models/b"),
+                                    tmp_path / "c.json")
+    assert other_model.unavailable == "it adapts another base model (/models/b)" and other_model.metrics is None
+    other_labels = evaluate_champion(config, [], champion("k2", config={"labels": ["bug", "feature"]}),
+                                     tmp_path / "c.json")
+    assert other_labels.unavailable == "it predicts other labels (['bug', 'feature'])"
+    deleted = champion("k3")
+    shutil.rmtree(deleted.path)
+    gone = evaluate_champion(config, [], deleted, tmp_path / "c.json")
+    assert gone.unavailable == f"its folder {deleted.path} is missing" and not (tmp_path / "c.json").exists()
