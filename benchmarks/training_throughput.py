@@ -127,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> bench.Report:
             return bench.run_child(__file__, "plain", {
                 "model": data.config.model, "settings": data.config.settings.model_dump(mode="json"),
                 "labels": data.config.labels, "seed": data.config.seed, "out": str(next(session.outputs)),
-                "train": data.prepared.splits["train"], "validation": data.prepared.splits["validation"],
+                "train": data["prepared"].splits["train"], "validation": data["prepared"].splits["validation"],
             }, session.env)
 
         runs = bench.interleaved({"plain peft + Trainer": plain, "loraflow training task": loraflow}, args.repeat)
