@@ -55,21 +55,20 @@ def evaluate_model(
     """Metrics of the adapter on `test_shards`, or of the baseline when `adapter_dir` is None; with
     `generation` (chat), also of answering the held-out conversations."""
     from loraflow.train.data import TokenizedDataset, collator_for
-    from loraflow.train.trainer import load_tokenizer
+    from loraflow.train.trainer import tokenizer_with_padding
 
     data = TokenizedDataset(test_shards)
     if len(data) == 0:
         raise DataError(f"test split is empty ({len(test_shards)} shards)")
     model = load_for_inference(model_path, task, labels, adapter_dir, seed)
-    loader = torch.utils.data.DataLoader(
-        data, batch_size=eval_batch_size, collate_fn=collator_for(task, load_tokenizer(adapter_dir or model_path))
-    )
+    tokenizer = tokenizer_with_padding(adapter_dir or model_path)
+    loader = torch.utils.data.DataLoader(data, batch_size=eval_batch_size, collate_fn=collator_for(task, tokenizer))
     batches = _on_device(loader, model.device)
     if classifier(task):
         return _classification_metrics(model, batches, list(labels or []))
     metrics = _causal_lm_metrics(model, batches, len(data))
     if generation is not None:
-        metrics.update(generation_metrics(model, load_tokenizer(adapter_dir or model_path), generation))
+        metrics.update(generation_metrics(model, tokenizer, generation))
     return metrics
 
 

@@ -17,11 +17,11 @@ def export_merged(model_path: str, adapter_dir: str, out_dir: str | Path) -> str
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from loraflow.train.trainer import load_tokenizer
+    from loraflow.train.trainer import tokenizer_with_padding
 
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tokenizer = load_tokenizer(adapter_dir)
+    tokenizer = tokenizer_with_padding(adapter_dir)
 
     def write(staging: Path) -> None:
         merged.save_pretrained(staging, safe_serialization=True)

@@ -10,7 +10,7 @@ from loraflow.errors import DataError
 from loraflow.evaluate import load_for_inference
 from loraflow.layout import atomic_write_jsonl, read_jsonl
 from loraflow.task_table import TASK_TABLE, classifier
-from loraflow.train.trainer import load_tokenizer
+from loraflow.train.trainer import tokenizer_with_padding
 
 
 def run_sample_prompts(
@@ -30,7 +30,7 @@ def run_sample_prompts(
         rows = read_jsonl(prompts_path)
     except ValueError as error:
         raise DataError(f"{prompts_path}: not valid JSONL: {error}") from None
-    tokenizer = load_tokenizer(adapter_dir or model_path)
+    tokenizer = tokenizer_with_padding(adapter_dir or model_path)
     model = load_for_inference(model_path, task, labels, adapter_dir)
     with torch.inference_mode():
         if classifier(task):

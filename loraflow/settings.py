@@ -9,8 +9,10 @@ its errors and the task table, so the parameter models (`loraflow.config`) and t
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,7 +93,14 @@ def available_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """A preset is a YAML mapping of `TrainingSettings` fields plus `task` and `description`."""
+    """A preset is a YAML mapping of `TrainingSettings` fields plus `task` and `description`; each
+    file is read once per process (settings are resolved from parameters wherever they are needed),
+    and every caller gets its own copy to change."""
+    return copy.deepcopy(_read_preset(name))
+
+
+@lru_cache(maxsize=None)
+def _read_preset(name: str) -> dict[str, Any]:
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"preset: unknown preset {name!r}{suggest(name, available_presets())}")

@@ -54,8 +54,10 @@ from loraflow.train.request import (
 STOP_CHECK_SECONDS = 1.0
 
 
-def load_tokenizer(model_path: str):
-    """The model's tokenizer; decoder-only models often ship without a pad token, so eos stands in."""
+def tokenizer_with_padding(model_path: str):
+    """A fresh tokenizer for batching a model's inputs: decoder-only models often ship without a pad
+    token, so eos stands in. (Tokenising shards uses `loraflow.data.tokenize.load_tokenizer`: cached
+    per thread, fast tokenizers only.)"""
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -152,7 +154,7 @@ def _train_once(
         log(f"resuming from {Path(resume_from).name} (step {resumed_from_step} of {state.get('max_steps', '?')})")
 
     set_seed(request.seed)  # before loading: the classifier head and LoRA weights are initialised here
-    tokenizer = load_tokenizer(request.model_path)
+    tokenizer = tokenizer_with_padding(request.model_path)
     if request.chat_template is not None:  # inference then renders conversations as training did
         tokenizer.chat_template = request.chat_template
     model = _peft_model(request, plan)
