@@ -29,3 +29,13 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def production(tmp_path_factory):
+    """A Prefect server on PostgreSQL with the set-up and workers for both pools (~40 s to start),
+    shared by the load and fault tests; skips when no PostgreSQL answers."""
+    from tests.production_stack import production_stack
+
+    with production_stack(tmp_path_factory.mktemp("production")) as stack:
+        yield stack
