@@ -128,13 +128,15 @@ def ensure_concurrency_limits(client, limits: dict[str, int]) -> None:
 
 
 def unresponsive_runs_automation(after_s: int) -> AutomationCore:
-    """Prefect's documented zombie-run automation: no heartbeat (nor end) for `after_s` after one."""
+    """Prefect's documented zombie-run automation (no heartbeat nor end for `after_s` after one), also
+    armed by the Running event, so a run that dies before its first heartbeat is caught too."""
     ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
     return AutomationCore(
         name=UNRESPONSIVE,
         description="A flow run whose heartbeats stopped (its worker or machine died) is marked Crashed.",
         trigger=EventTrigger(
-            match={"prefect.resource.id": "prefect.flow-run.*"}, after={"prefect.flow-run.heartbeat"},
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
             expect={"prefect.flow-run.heartbeat", *ends}, for_each={"prefect.resource.id"},
             posture=Posture.Proactive, threshold=1, within=timedelta(seconds=after_s),
         ),

@@ -36,6 +36,10 @@ POSTGRES = os.environ.get("LORAFLOW_TEST_POSTGRES", "postgresql://postgres@127.0
 # Flow runs of the workers send a heartbeat every 30 s (Prefect's minimum); the set-up's automation
 # marks a run Crashed after `ZOMBIE_AFTER_S` without one.
 HEARTBEAT_S, ZOMBIE_AFTER_S = 30, 75
+# What the README tells users to start workers with (their flow runs inherit it). Prefect 3.8.8's
+# server answers 500, not 503, while PostgreSQL refuses connections (a ConnectionRefusedError is
+# not among its retryable errors), and its clients retry only 429, 502 and 503 by default.
+WORKER_ENV = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S), "PREFECT_CLIENT_RETRY_EXTRA_CODES": "500"}
 
 
 def free_port() -> int:
@@ -345,12 +349,11 @@ def postgres_stack(root: Path, workers: dict[str, tuple[str, dict[str, str]]],
 
 def production_stack(root: Path, database: str = "postgresql"):
     """The issue's production layout: a server on `database` (postgresql or sqlite), two CPU
-    workers, one GPU worker with two device slots (CPU slots here), every flow run sending heartbeats."""
-    heartbeat = {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
+    workers, one GPU worker with two device slots (CPU slots here), all with `WORKER_ENV`."""
     workers = {
-        "cpu-1": ("loraflow-cpu", heartbeat),
-        "cpu-2": ("loraflow-cpu", heartbeat),
-        "gpu-1": ("loraflow-gpu", {**heartbeat, "LORAFLOW_CPU_DEVICES": "2"}),
+        "cpu-1": ("loraflow-cpu", WORKER_ENV),
+        "cpu-2": ("loraflow-cpu", WORKER_ENV),
+        "gpu-1": ("loraflow-gpu", {**WORKER_ENV, "LORAFLOW_CPU_DEVICES": "2"}),
     }
     setup = ("--gpu-slots", "2", "--unresponsive-after", str(ZOMBIE_AFTER_S))
     if database == "sqlite":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -193,16 +194,18 @@ def small_volume(tmp_path) -> Iterator[Path]:
 
 
 def fill(volume: Path) -> Path:
-    """Write a file until the volume has no byte left."""
+    """Write a file until the volume has no byte left (unbuffered: nothing is left to flush on close)."""
     filler = volume / "filler"
-    with open(filler, "wb") as handle:
-        for size in (2**20, 2**12):
+    handle = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (2**20, 2**12, 1):
             try:
-                while True:
-                    handle.write(b"\0" * size)
-                    handle.flush()
+                while os.write(handle, b"\0" * size):
+                    pass
             except OSError as error:
                 assert error.errno == errno.ENOSPC, error
+    finally:
+        os.close(handle)
     return filler
 
 
