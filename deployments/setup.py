@@ -128,15 +128,16 @@ def ensure_concurrency_limits(client, limits: dict[str, int]) -> None:
 
 
 def unresponsive_runs_automation(after_s: int) -> AutomationCore:
-    """Prefect's documented zombie-run automation (no heartbeat nor end for `after_s` after one), also
-    armed by the Running event, so a run that dies before its first heartbeat is caught too."""
+    """Prefect's documented zombie-run automation: no heartbeat (nor end) for `after_s` after one. Only
+    runs that send heartbeats are watched: arming it on `Running` too would crash every run of a
+    process started without PREFECT_FLOWS_HEARTBEAT_FREQUENCY (a bare `python flows/single.py`)."""
     ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
     return AutomationCore(
         name=UNRESPONSIVE,
         description="A flow run whose heartbeats stopped (its worker or machine died) is marked Crashed.",
         trigger=EventTrigger(
             match={"prefect.resource.id": "prefect.flow-run.*"},
-            after={"prefect.flow-run.heartbeat", "prefect.flow-run.Running"},
+            after={"prefect.flow-run.heartbeat"},
             expect={"prefect.flow-run.heartbeat", *ends}, for_each={"prefect.resource.id"},
             posture=Posture.Proactive, threshold=1, within=timedelta(seconds=after_s),
         ),

@@ -109,7 +109,11 @@ def test_every_variant_of_the_grid_trains_once_and_only_the_best_is_registered(l
     assert all(trains[f"train-{name}"]["state_type"] == "COMPLETED" for name in variants)
     best = Registry(load["output"] / "registry").resolve("grid", "best")
     assert registered_versions(load["output"] / "registry", "grid") == [best.version]
-    assert best.card["config"]["name"] == next(row["name"] for row in board if row["status"] == "passed")
+    top = next(row for row in board if row["status"] == "passed")
+    settings = best.card["config"]["settings"]
+    assert (settings["learning_rate"], settings["lora"]["r"]) == (float(top["learning_rate"]), int(top["lora.r"]))
+    summary = json.loads((load["output"] / "grid-variations" / "variations_result.json").read_text())
+    assert (summary["best"], summary["registry_version"]) == (top["name"], best.version)
 
 
 def test_load_figures(load, production, capsys):
