@@ -12,8 +12,9 @@
    `gpu:<worker>` per named GPU worker (`WORKER_ID=<worker> prefect worker start ...`);
 4. the automation `loraflow: crash unresponsive runs`: a flow run that sent a heartbeat and then
    none for `--unresponsive-after` seconds (its worker or machine died) is marked Crashed, so
-   a pipeline waiting on its training hears of it instead of waiting for ever; workers send
-   heartbeats when started with `PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30`;
+   a pipeline waiting on its training hears of it instead of waiting for ever. Flow runs send a
+   heartbeat every `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` seconds (Prefect's default 180): keep
+   `--unresponsive-after` well above that for every process that runs flows on this server;
 5. every deployment in prefect.yaml whose flow file exists (`prefect deploy`).
 
 Flags change the saved blocks; without flags the saved values are kept.
@@ -188,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="where persisted results live: a path or fsspec URL (default <repo>/runs)")
     parser.add_argument("--gpu-slots", type=int, help="training runs at once on the GPU pool (default 1)")
     parser.add_argument("--worker", action="append", help="a named GPU worker and its slots, NAME=SLOTS (repeatable)")
-    parser.add_argument("--unresponsive-after", type=int, default=90,
-                        help="seconds without a heartbeat before a flow run is marked Crashed (default 90)")
+    parser.add_argument("--unresponsive-after", type=int, default=600,
+                        help="seconds without a heartbeat before a flow run is marked Crashed (default 600: over three "
+                             "of Prefect's default 180-second heartbeats; 90 when every worker sends one every 30 s)")
     parser.add_argument("--prefect-file", type=Path, default=REPO / "prefect.yaml")
     args = parser.parse_args(argv)
     if not PREFECT_API_URL.value():

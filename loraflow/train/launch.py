@@ -146,12 +146,21 @@ class _ProcessTree:
         self.reader.start()
 
     def _read(self) -> None:
-        for line in self.process.stdout:
-            if not line.startswith(EVENT_PREFIX):
-                self.output_log.write(line)
-                self.output_log.flush()
-            self.lines.put(line)
-        self.lines.put(None)
+        """Forward every line. The log file is only a copy: a full disk ends the copy, never the forwarding
+        (a reader that died on the write left the launcher waiting for the end of the output for ever)."""
+        copying = True
+        try:
+            for line in self.process.stdout:
+                if copying and not line.startswith(EVENT_PREFIX):
+                    try:
+                        self.output_log.write(line)
+                        self.output_log.flush()
+                    except OSError as error:
+                        copying = False
+                        self.lines.put(f"cannot write {self.output_log.name} ({error}); output goes on here only\n")
+                self.lines.put(line)
+        finally:
+            self.lines.put(None)
 
     def request_stop(self) -> None:
         self.stop_file.touch()
@@ -180,7 +189,10 @@ class _ProcessTree:
         self.end()  # a rank that outlived its agent (it should not) goes too
         code = self.process.wait()
         self.reader.join(timeout=5)
-        self.output_log.close()
+        try:
+            self.output_log.close()
+        except OSError:  # what a full disk kept in its buffer; the lines were forwarded all the same
+            pass
         return code
 
 
