@@ -157,9 +157,14 @@ def ancestors(api: str, run: dict) -> list[str]:
 
 
 def create_run(api: str, deployment: str, params: dict[str, Any]) -> str:
-    """What any scheduler or CI job does: one REST call; the run's id."""
-    response = httpx.post(f"{api}/deployments/{deployment_id(api, deployment)}/create_flow_run",
-                          json={"parameters": {"params": params}}, timeout=30)
+    """What any scheduler or CI job does: one REST call, retried on 503 as Prefect's own client does
+    (a SQLite server answers it while its database is locked); the run's id."""
+    url = f"{api}/deployments/{deployment_id(api, deployment)}/create_flow_run"
+    for delay in (1, 2, 4, 8, 0):
+        response = httpx.post(url, json={"parameters": {"params": params}}, timeout=30)
+        if response.status_code != 503 or not delay:
+            break
+        time.sleep(delay)
     assert response.status_code == 201, response.text
     return response.json()["id"]
 
