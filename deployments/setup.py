@@ -10,7 +10,12 @@
    Secret `loraflow-hub-token` when `HF_TOKEN` is set;
 3. the global concurrency limits training holds: `gpu` with the pool's slots, and
    `gpu:<worker>` per named GPU worker (`WORKER_ID=<worker> prefect worker start ...`);
-4. every deployment in prefect.yaml whose flow file exists (`prefect deploy`).
+4. the automation `loraflow: crash unresponsive runs`: a flow run that sent a heartbeat and then
+   none for `--unresponsive-after` seconds (its worker or machine died) is marked Crashed, so
+   a pipeline waiting on its training hears of it instead of waiting for ever. Flow runs send a
+   heartbeat every `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` seconds (Prefect's default 180): keep
+   `--unresponsive-after` well above that for every process that runs flows on this server;
+5. every deployment in prefect.yaml whose flow file exists (`prefect deploy`).
 
 Flags change the saved blocks; without flags the saved values are kept.
 """
@@ -21,6 +26,7 @@ import argparse
 import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import yaml
@@ -28,6 +34,9 @@ from prefect.blocks.core import Block
 from prefect.blocks.system import Secret
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.workers.process import ProcessWorker
@@ -38,6 +47,7 @@ from blocks.storage import RESULTS_BLOCK_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_POOL = "loraflow-cpu"
+UNRESPONSIVE = "loraflow: crash unresponsive runs"
 
 
 def say(what: str, outcome: str) -> None:
@@ -118,6 +128,39 @@ def ensure_concurrency_limits(client, limits: dict[str, int]) -> None:
         say(f"global concurrency limit {name} ({slots} slot(s))", "exists" if existing == slots else "set")
 
 
+def unresponsive_runs_automation(after_s: int) -> AutomationCore:
+    """Prefect's documented zombie-run automation: no heartbeat (nor end) for `after_s` after one. Only
+    runs that send heartbeats are watched: arming it on `Running` too would crash every run of a
+    process started without PREFECT_FLOWS_HEARTBEAT_FREQUENCY (a bare `python flows/single.py`)."""
+    ends = {f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")}
+    return AutomationCore(
+        name=UNRESPONSIVE,
+        description="A flow run whose heartbeats stopped (its worker or machine died) is marked Crashed.",
+        trigger=EventTrigger(
+            match={"prefect.resource.id": "prefect.flow-run.*"},
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *ends}, for_each={"prefect.resource.id"},
+            posture=Posture.Proactive, threshold=1, within=timedelta(seconds=after_s),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=(
+            f"no heartbeat for {after_s} s: the process running this flow run (or its worker or machine) died; "
+            "run the same parameters again to resume"))],
+    )
+
+
+def ensure_unresponsive_runs_automation(client, after_s: int) -> None:
+    wanted = unresponsive_runs_automation(after_s)
+    fields = {"trigger", "actions", "enabled", "description"}
+    existing = client.read_automations_by_name(UNRESPONSIVE)
+    if any(found.model_dump(include=fields) == wanted.model_dump(include=fields) for found in existing):
+        say(f"automation {UNRESPONSIVE!r}", "exists")
+        return
+    for found in existing:
+        client.delete_automation(found.id)
+    client.create_automation(wanted)
+    say(f"automation {UNRESPONSIVE!r} ({after_s} s)", "created")
+
+
 def deploy(prefect_file: Path) -> None:
     """`prefect deploy` each deployment whose flow file exists (batch/variations may not yet)."""
     config = yaml.safe_load(prefect_file.read_text(encoding="utf-8"))
@@ -146,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="where persisted results live: a path or fsspec URL (default <repo>/runs)")
     parser.add_argument("--gpu-slots", type=int, help="training runs at once on the GPU pool (default 1)")
     parser.add_argument("--worker", action="append", help="a named GPU worker and its slots, NAME=SLOTS (repeatable)")
+    parser.add_argument("--unresponsive-after", type=int, default=600,
+                        help="seconds without a heartbeat before a flow run is marked Crashed (default 600: over three "
+                             "of Prefect's default 180-second heartbeats; 90 when every worker sends one every 30 s)")
     parser.add_argument("--prefect-file", type=Path, default=REPO / "prefect.yaml")
     args = parser.parse_args(argv)
     if not PREFECT_API_URL.value():
@@ -157,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     with get_client(sync_client=True) as client:
         ensure_work_pools(client, [CPU_POOL, infrastructure.work_pool])
         ensure_concurrency_limits(client, infrastructure.limits())
+        ensure_unresponsive_runs_automation(client, args.unresponsive_after)
     deploy(args.prefect_file)
     return 0
 

@@ -21,6 +21,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
+# The production-stack load and fault tests take about 20 minutes on 2 cores: more than CI's budget
+# leaves beside the rest of the suite, so they are a job of their own (README, "A production server").
+PRODUCTION_TESTS = os.environ.get("LORAFLOW_PRODUCTION_TESTS") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="production-stack test: run with LORAFLOW_PRODUCTION_TESTS=1 "
+                                   "(about 20 minutes; see the README's production server section)")
+    for item in items:
+        if item.get_closest_marker("production") and not PRODUCTION_TESTS:
+            item.add_marker(skip)
+
 
 @pytest.fixture(scope="session")
 def prefect_server():
@@ -29,3 +41,13 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def production(tmp_path_factory):
+    """A Prefect server on PostgreSQL with the set-up and workers for both pools (~40 s to start),
+    shared by the load and fault tests; skips when no PostgreSQL answers."""
+    from tests.production_stack import production_stack
+
+    with production_stack(tmp_path_factory.mktemp("production")) as stack:
+        yield stack

@@ -16,6 +16,7 @@ from benchmarks import (
     gpu_training,
     orchestration_overhead,
     preprocessing_scale,
+    server_database,
     training_process,
     training_throughput,
     variations_sharing,
@@ -30,11 +31,13 @@ def api_url(prefect_server) -> str:
     return PREFECT_API_URL.value()
 
 
-def run_smoke(benchmark, tmp_path: Path, api_url: str, *options: str):
-    """Run a benchmark's smoke mode; check the results file it appended to; return its tables."""
+def run_smoke(benchmark, tmp_path: Path, api_url: str | None, *options: str):
+    """Run a benchmark's smoke mode (against `api_url` when it takes one); check the results file it
+    appended to; return its tables."""
     results = tmp_path / "RESULTS.md"
     results_before = RESULTS_PATH.read_bytes() if RESULTS_PATH.exists() else None
-    report = benchmark.main(["--smoke", "--results", str(results), "--api-url", api_url, *options])
+    server = ["--api-url", api_url] if api_url else []
+    report = benchmark.main(["--smoke", "--results", str(results), *server, *options])
     text = results.read_text()
     assert text.startswith("# Benchmark results\n") and f"\n## {report.title}: " in text
     assert re.search(r"- machine: \d+ cores .* GiB, .*torch \S+, transformers \S+, peft \S+, prefect \S+", text)
@@ -97,6 +100,17 @@ def test_training_process(tmp_path, api_url):
     assert column(ddp, "variant") == ["devices: 1", "devices: 2"] and column(ddp, "vs 1 device")[0] == "1.00x"
     assert column(grid, "variant") == ["1 device slot", "2 device slots"]
     assert all(RATIO.match(value) for value in column(grid, "wall ratio"))
+
+
+@pytest.mark.slow
+@pytest.mark.production
+def test_server_database(tmp_path):
+    """Two whole stacks of its own, SQLite and PostgreSQL (skipped when no PostgreSQL answers)."""
+    (table,) = run_smoke(server_database, tmp_path, None)
+    assert column(table, "variant") == ["sqlite", "postgresql"]
+    assert column(table, "wall ratio")[0] == "1.00x" and all(RATIO.match(r) for r in column(table, "wall ratio"))
+    assert all(float(value) > 0 for value in column(table, "runs/min"))
+    assert all(float(value) >= 0 for value in column(table, "p95 to training s"))
 
 
 def test_gpu_training_runs_its_path_on_the_cpu(tmp_path):

@@ -8,14 +8,9 @@ torn down also when a test fails.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,114 +18,27 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.test_flow_single import FAST_CLASSIFICATION, REPO, write_messy_csv
+from deployments.setup import UNRESPONSIVE
+from tests.production_stack import (
+    REPO,
+    SETUP,
+    ancestors,
+    create_run,
+    deployment_id,
+    flow_runs,
+    prefect_stack,
+    wait_finished,
+    wait_for,
+)
+from tests.test_flow_single import FAST_CLASSIFICATION, write_messy_csv
 from tests.tiny_models import easy_classification_examples
-
-TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-SETUP = [sys.executable, str(REPO / "deployments" / "setup.py")]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-class Processes:
-    """Long-running subprocesses, each in its own session so stopping one stops its children."""
-
-    def __init__(self, logs: Path, env: dict[str, str]):
-        self.logs, self.env, self.started = logs, env, []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "wb")
-        process = subprocess.Popen(
-            args, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.started.append((name, process, log))
-        return process
-
-    def stop_all(self) -> None:
-        """Last started first: workers (and their flow runs) before the server they report to."""
-        for _, process, log in reversed(self.started):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            log.close()
-
-    def tail(self, name: str, lines: int = 30) -> str:
-        return "\n".join((self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-lines:])
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory) -> Iterator[dict[str, Any]]:
-    """Server, set-up and one worker per pool, all in a temp dir of their own."""
-    root = tmp_path_factory.mktemp("deployments")
-    api = f"http://127.0.0.1:{free_port()}/api"
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(root / "prefect-home"),
-        "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(root / "prefect-home" / "results"),
-        "PREFECT_API_URL": api,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_WORKER_QUERY_SECONDS": "2",
-    }
-    processes = Processes(root, env)
-    try:
-        host, port = api.removeprefix("http://").removesuffix("/api").split(":")
-        server = processes.start("server", sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", port)
-        wait_for("the server's /api/health", lambda: server.poll() is None and _healthy(api), timeout=120)
-        setup = subprocess.run(SETUP + ["--storage", str(root / "storage")], cwd=REPO, env=env,
-                               capture_output=True, text=True, timeout=180)
-        assert setup.returncode == 0, setup.stdout + setup.stderr
-        for pool in ("loraflow-cpu", "loraflow-gpu"):
-            processes.start(f"worker-{pool}", sys.executable, "-m", "prefect", "worker", "start", "--pool", pool)
-        yield {"api": api, "env": env, "root": root, "processes": processes}
-    finally:
-        processes.stop_all()
-
-
-def _healthy(api: str) -> bool:
-    try:
-        return httpx.get(f"{api}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def deployment_id(api: str, name: str) -> str:
-    response = httpx.get(f"{api}/deployments/name/{name}", timeout=10)
-    response.raise_for_status()
-    return response.json()["id"]
-
-
-def ancestors(api: str, run: dict) -> list[str]:
-    """Ids of the flow runs `run` is nested in, innermost first (subflows link via a parent task run)."""
-    ids = []
-    while run.get("parent_task_run_id"):
-        parent_task = httpx.get(f"{api}/task_runs/{run['parent_task_run_id']}", timeout=10).json()
-        run = httpx.get(f"{api}/flow_runs/{parent_task['flow_run_id']}", timeout=10).json()
-        ids.append(run["id"])
-    return ids
-
-
-def flow_runs(api: str, **filters: Any) -> list[dict]:
-    response = httpx.post(f"{api}/flow_runs/filter", json=filters, timeout=10)
-    response.raise_for_status()
-    return response.json()
+    """Server (SQLite), set-up and one worker per pool, all in a temp dir of their own."""
+    with prefect_stack(tmp_path_factory.mktemp("deployments")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -140,17 +48,9 @@ def single_run(stack) -> dict[str, Any]:
     data = write_messy_csv(root / "reviews.csv", easy_classification_examples(90, seed=1))
     params = {"dataset": {"path": str(data)}, "overrides": FAST_CLASSIFICATION, "gates": {"accuracy": 0.8},
               "output_dir": str(root / "runs"), "shard_size": 40}
-    response = httpx.post(f"{api}/deployments/{deployment_id(api, 'single/loraflow')}/create_flow_run",
-                          json={"parameters": {"params": params}}, timeout=10)
-    assert response.status_code == 201, response.text
-    run_id = response.json()["id"]
-
-    def finished() -> dict | None:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=10).json()
-        return run if run["state_type"] in TERMINAL else None
-
+    run_id = create_run(api, "single/loraflow", params)
     try:
-        run = wait_for("single/loraflow to finish", finished, timeout=240, interval=2)
+        run = wait_finished(api, [run_id], timeout=240)[run_id]
     except pytest.fail.Exception:
         processes = stack["processes"]
         print(processes.tail("worker-loraflow-cpu"), processes.tail("worker-loraflow-gpu"), sep="\n")
@@ -245,5 +145,5 @@ def test_setup_is_idempotent(stack, single_run):
     changed = [line for line in again.stdout.splitlines() if line.split()[-1] in {"created", "saved", "set"}]
     assert changed == [], again.stdout
     assert {name: deployment_id(api, name) for name in before} == before
-    automations = httpx.post(f"{api}/automations/filter", json={}).json()
-    assert len(automations) == 1
+    automations = [automation["name"] for automation in httpx.post(f"{api}/automations/filter", json={}).json()]
+    assert len(automations) == 2 and UNRESPONSIVE in automations  # the dataset trigger, and crashing zombie runs

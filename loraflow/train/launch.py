@@ -23,6 +23,7 @@ ranks also watch the launching process, so a SIGKILLed flow process leaves no tr
 from __future__ import annotations
 
 import builtins
+import errno
 import json
 import os
 import queue
@@ -145,12 +146,21 @@ class _ProcessTree:
         self.reader.start()
 
     def _read(self) -> None:
-        for line in self.process.stdout:
-            if not line.startswith(EVENT_PREFIX):
-                self.output_log.write(line)
-                self.output_log.flush()
-            self.lines.put(line)
-        self.lines.put(None)
+        """Forward every line. The log file is only a copy: a full disk ends the copy, never the forwarding
+        (a reader that died on the write left the launcher waiting for the end of the output for ever)."""
+        copying = True
+        try:
+            for line in self.process.stdout:
+                if copying and not line.startswith(EVENT_PREFIX):
+                    try:
+                        self.output_log.write(line)
+                        self.output_log.flush()
+                    except OSError as error:
+                        copying = False
+                        self.lines.put(f"cannot write {self.output_log.name} ({error}); output goes on here only\n")
+                self.lines.put(line)
+        finally:
+            self.lines.put(None)
 
     def request_stop(self) -> None:
         self.stop_file.touch()
@@ -179,7 +189,10 @@ class _ProcessTree:
         self.end()  # a rank that outlived its agent (it should not) goes too
         code = self.process.wait()
         self.reader.join(timeout=5)
-        self.output_log.close()
+        try:
+            self.output_log.close()
+        except OSError:  # what a full disk kept in its buffer; the lines were forwarded all the same
+            pass
         return code
 
 
@@ -264,6 +277,21 @@ def _rank_errors(job_dir: Path) -> list[dict]:
     return found
 
 
+# How a full disk shows in a rank's error or output: Python's OSError, safetensors' Rust error, torch.save's writer.
+_NO_SPACE_SIGNS = ("No space left on device", "StorageFull", "[Errno 28]", "file write failed")
+
+
+def _out_of_space(ending: _Ending, failures: list[dict], folder: Path) -> bool:
+    """Whether the training failed for a full disk: a rank said so, or the run folder has under 1 MiB
+    left (a rank that cannot write its error report leaves only that to go by)."""
+    said = "\n".join([*ending.tail, *(f"{f.get('message', '')}\n{f.get('traceback', '')}" for f in failures)])
+    try:
+        nearly_full = shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        nearly_full = False
+    return nearly_full or any(sign in said for sign in _NO_SPACE_SIGNS)
+
+
 def _raise_for(ending: _Ending, failures: list[dict], request: TrainRequest, log: Callable[[str], None]) -> None:
     stopped = next((f for f in failures if f["type"] == "TrainingStopped"), None)
     if stopped or ending.stop_requested:
@@ -273,6 +301,10 @@ def _raise_for(ending: _Ending, failures: list[dict], request: TrainRequest, log
         raise TrainingStopped(message)
     if ending.hung:
         raise TrainingProcessDied(f"training made no progress for the hang timeout and was ended; {_checkpoint_text(request)}")
+    folder = Path(request.checkpoint_dir).parent
+    if _out_of_space(ending, failures, folder):  # one line naming where, not a writer's traceback without a path
+        raise OSError(errno.ENOSPC, f"No space left on device for the training run; free space there and run "
+                                    f"again ({_checkpoint_text(request)})", str(folder))
     for failure in failures:
         kind = getattr(errors, failure["type"], None) or getattr(builtins, failure["type"], None)
         if isinstance(kind, type) and issubclass(kind, (errors.LoraflowError, errors.TrainingOutOfMemory, OSError)):
