@@ -5,6 +5,7 @@ exact match and ROUGE-L, and exported merged."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
@@ -82,3 +83,19 @@ def test_chat_on_a_local_tiny_llama(prefect_server, tmp_path):
     assert "report" in result.paths  # report.html shows the chat samples
     samples = [json.loads(line) for line in Path(result.paths["samples"]).read_text().splitlines()]
     assert samples and all(sample["reference"].startswith("the ") and "generated" in sample for sample in samples)
+
+
+def test_a_chat_plan_counts_templated_tokens_and_steps_over_packed_rows(prefect_server, tmp_path):
+    params = chat_params(tmp_path, plan_only=True, packing=True, overrides={
+        "num_epochs": 2, "batch_size": 2, "gradient_accumulation_steps": 1, "max_length": 256})
+    plan = single(params)
+    [dataset], [run] = plan.datasets, plan.runs
+    tokenizer = AutoTokenizer.from_pretrained(params.model)
+    train = read_jsonl(Path(dataset.data_dir) / "train.jsonl")
+    lengths = [len(tokenizer.apply_chat_template(row["messages"], chat_template=CHATML, tokenize=True,
+                                                 return_dict=True)["input_ids"]) for row in train]
+    assert (run.templated.conversations, run.templated.tokens, run.templated.longest, run.templated.too_long) == (
+        dataset.counts["train"], sum(lengths), max(lengths), 0)
+    assert 0 < run.templated.packed_rows < dataset.counts["train"] / 2  # conversations of under 90 tokens in 256-token rows
+    assert run.steps == 2 * math.ceil(run.templated.packed_rows / 2)
+    assert f"chat: {sum(lengths):,} templated tokens in {len(train)} train conversations" in plan.text()
