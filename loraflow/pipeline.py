@@ -369,17 +369,17 @@ def register_key(arguments: dict[str, Any]) -> str:
     return fingerprint_key(
         "register", config.fingerprint, Registry(registry_root).damage(config.name, config.fingerprint),
         adapter_fingerprint(arguments["adapter_dir"]), registry_root, arguments["passed"], arguments["alias"],
-        arguments["gates"], promotion.model_dump(exclude={"baseline"}) if promotion else None,
+        arguments["gates"], promotion.model_dump(exclude={"baseline"}) if promotion else None, arguments.get("merged"),
     )
 
 
 def register_and_decide(
     registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool, alias: str | None,
-    gates: dict[str, float] | None = None, promotion: PromotionRequest | None = None, flow_run_id: str | None = None,
-    log: Log = _quiet,
+    gates: dict[str, float] | None = None, promotion: PromotionRequest | None = None, merged: str | None = None,
+    flow_run_id: str | None = None, log: Log = _quiet,
 ) -> tuple[RegistryVersion, AliasMove | None]:
     """Register a version keyed by the config fingerprint (identical inputs never add one), record
-    this verdict on it, and let the promotion rule decide, under the registry's lock, whether `alias`
+    this verdict on it (with the run's merged export, if any), and let the promotion rule decide, under the registry's lock, whether `alias`
     (`production`; `best` for a grid's winner) moves to it. Returns the version and the move made."""
     card = {"task": config.task, "base_model": config.model, "model_identity": config.model_identity,
             "dataset_fingerprint": config.dataset_fingerprint, "code_version": config.code_version,
@@ -387,7 +387,7 @@ def register_and_decide(
     scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     version, outcome, move = Registry(registry_root).register_and_promote(
         config.name, adapter_dir, config.fingerprint, card, scalars, passed, gates=gates, alias=alias,
-        flow_run_id=flow_run_id, promotion=promotion)
+        flow_run_id=flow_run_id, promotion=promotion, merged=merged)
     said = {"created": "registered", "found": "already registered as",
             "restored": "restored the missing or incomplete folder of"}[outcome]
     log(f"{said} {config.name} v{version.version} ({version.path}); verdict {version.verdict}: "
@@ -455,7 +455,7 @@ TRAINING_STAGES: list[Stage] = [
         arguments=lambda run: None if run.registry_alias is None else {
             "registry_root": run.params.registry_root, "config": run.config, "adapter_dir": run["trained"].adapter_dir,
             "metrics": run["metrics"], "passed": run.passed, "alias": run.registry_alias,
-            "gates": run.params.gate_thresholds, "promotion": run.promotion},
+            "gates": run.params.gate_thresholds, "promotion": run.promotion, "merged": run.outputs.get("merged")},
     ),
 ]
 

@@ -128,7 +128,7 @@ def resolve_config(plan: RunPlan, prepared: PreparedDataset) -> ResolvedConfig:
     settings = plan.settings
     train_rows = prepared.counts["train"]
     processes = plan.params.devices * plan.params.nnodes
-    steps_per_epoch = max(1, math.ceil(train_rows / (settings.batch_size * settings.gradient_accumulation_steps * processes)))
+    steps_per_epoch, total_steps = optimiser_steps(train_rows, settings, processes)
     return ResolvedConfig(
         name=plan.name,
         task=plan.params.task,
@@ -141,13 +141,19 @@ def resolve_config(plan: RunPlan, prepared: PreparedDataset) -> ResolvedConfig:
         train_rows=train_rows,
         processes=processes,
         steps_per_epoch=steps_per_epoch,
-        total_steps=math.ceil(steps_per_epoch * settings.num_epochs),
+        total_steps=total_steps,
         seed=plan.params.seed,
         code_version=code_version(),
         generation=GenerationEval(conversations_path=prepared.splits["test"], template=plan.chat.template,
                                   max_new_tokens=settings.max_new_tokens, max_length=settings.max_length)
         if plan.chat else None,
     )
+
+
+def optimiser_steps(rows: int, settings: TrainingSettings, processes: int) -> tuple[int, int]:
+    """Steps per epoch and in all, for `rows` training rows (examples, or packed rows when packing)."""
+    per_epoch = max(1, math.ceil(rows / (settings.batch_size * settings.gradient_accumulation_steps * processes)))
+    return per_epoch, math.ceil(per_epoch * settings.num_epochs)
 
 
 def write_resolved_config(config: ResolvedConfig, config_dir: str | Path) -> Path:
@@ -188,6 +194,33 @@ class PlannedDataset(BaseModel):
     error: str | None = None
 
 
+class TemplatedTokens(BaseModel):
+    """Task chat: the train split's conversations after templating, against one run's max_length."""
+
+    conversations: int
+    tokens: int  # in the conversations that fit max_length
+    longest: int
+    too_long: int  # left out whole by tokenisation
+    packed_rows: int | None = None  # packing: the rows they fill, which training steps over
+
+    @classmethod
+    def count(cls, lengths: list[int], max_length: int, packing: bool) -> TemplatedTokens:
+        from loraflow.train.packing import packed_rows
+
+        kept = [length for length in lengths if length <= max_length]
+        packed = None
+        if packing and kept:
+            dummy = [[0] * length for length in kept]  # best-fit packing looks at the lengths only
+            packed = len(packed_rows({"input_ids": dummy, "labels": dummy}, max_length))
+        return cls(conversations=len(lengths), tokens=sum(kept), longest=max(lengths, default=0),
+                   too_long=len(lengths) - len(kept), packed_rows=packed)
+
+    def line(self, max_length: int) -> str:
+        packed = f"; packed into {self.packed_rows} rows" if self.packed_rows is not None else ""
+        return (f"chat: {self.tokens:,} templated tokens in {self.conversations - self.too_long} train conversations "
+                f"(longest {self.longest}; {self.too_long} over max_length {max_length} left out){packed}")
+
+
 class PlannedRun(BaseModel):
     """One training run: its name, what it varies, its resolved settings, folder and cost."""
 
@@ -196,7 +229,8 @@ class PlannedRun(BaseModel):
     output: str
     values: dict[str, Any] = {}
     settings: TrainingSettings | None = None
-    steps: int | None = None  # optimiser steps, from the prepared train split
+    steps: int | None = None  # optimiser steps, from the prepared train split (its packed rows when packing)
+    templated: TemplatedTokens | None = None  # task chat
     stages: dict[str, str] = {}  # train, evaluate, samples, register -> CACHED / WILL_RUN
 
 
@@ -229,6 +263,8 @@ class ExecutionPlan(BaseModel):
             lines.append(f"run {run.name}" + (f"  ({varied})" if varied else ""))
             if run.settings is not None:
                 lines.append(f"  {settings_line(run.settings)}; {run.steps} optimiser steps")
+            if run.templated is not None and run.settings is not None:
+                lines.append(f"  {run.templated.line(run.settings.max_length)}")
             lines.append(f"  -> {run.output}  [{_stages(run.stages)}]")
         lines += [f"{what}: {path}" for what, path in self.outputs.items()]
         return "\n".join([*lines, f"registry: {self.registry}", *self.notes])

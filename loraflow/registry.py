@@ -53,6 +53,7 @@ class Verdict(BaseModel):
     when: str
     flow_run_id: str | None = None
     promotion: PromotionDecision | None = None  # None: registered without an alias to decide on
+    merged: str | None = None  # `export: merged`: the merged model the run wrote (a path; not copied here)
 
 
 class RegistryVersion(BaseModel):
@@ -79,14 +80,17 @@ class RegistryVersion(BaseModel):
         return data
 
     def record(self, gates: dict[str, float] | None, passed: bool, metrics: dict[str, Any],
-               flow_run_id: str | None) -> Verdict:
+               flow_run_id: str | None, merged: str | None = None) -> Verdict:
         """This evaluation's verdict: the earlier one when gates and metrics are the same (an identical
-        re-run), else a new one. The version's `passed` and `metrics` follow it."""
+        re-run), else a new one. The version's `passed` and `metrics` follow it; `merged` names the
+        run's merged export, so a server can be pointed at the version's full model."""
         verdict = next((v for v in self.verdicts if (v.gates, v.passed, v.metrics) == (gates, passed, metrics)), None)
         if verdict is None:
             verdict = Verdict(number=len(self.verdicts) + 1, gates=gates, passed=passed, metrics=metrics,
                               when=_now(), flow_run_id=flow_run_id)
             self.verdicts.append(verdict)
+        if merged is not None:
+            verdict.merged = merged
         self.passed, self.metrics, self.verdict = verdict.passed, verdict.metrics, verdict.number
         return verdict
 
@@ -214,6 +218,7 @@ class Registry:
         alias: str | None = None,
         flow_run_id: str | None = None,
         promotion: PromotionRequest | None = None,
+        merged: str | None = None,
     ) -> tuple[RegistryVersion, str]:
         """Find or add the version of `key` from `adapter_dir`, record this evaluation's verdict on
         it, and point `alias` at it when `promotion`'s rule says so (default: when the verdict
@@ -221,13 +226,13 @@ class Registry:
         why) and `created`, `found` or `restored` (its folder was missing or incomplete and was copied
         again from `adapter_dir`, which holds the registered bytes)."""
         version, outcome, _ = self.register_and_promote(name, adapter_dir, key, card, metrics, passed, gates, alias,
-                                                        flow_run_id, promotion)
+                                                        flow_run_id, promotion, merged)
         return version, outcome
 
     def register_and_promote(
         self, name: str, adapter_dir: str | Path, key: str, card: dict[str, Any], metrics: dict[str, Any],
         passed: bool, gates: dict[str, float] | None = None, alias: str | None = None,
-        flow_run_id: str | None = None, promotion: PromotionRequest | None = None,
+        flow_run_id: str | None = None, promotion: PromotionRequest | None = None, merged: str | None = None,
     ) -> tuple[RegistryVersion, str, AliasMove | None]:
         """`register`, also returning the alias move it made (None: the alias stayed), which is
         what says whether to announce a promotion. The alias is decided on only when it points
@@ -256,7 +261,7 @@ class Registry:
                 self._freeze(version, adapter_dir)
                 version.adapter_fingerprint = fingerprint
                 outcome = "restored"
-            verdict = version.record(gates, passed, metrics, flow_run_id)
+            verdict = version.record(gates, passed, metrics, flow_run_id, merged)
             move = None
             if alias is not None and index.aliases.get(alias) != version.version:
                 request = promotion or PromotionRequest()

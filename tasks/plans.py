@@ -12,44 +12,67 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from loraflow.config import BatchParams, SingleParams, VariationsParams
+from loraflow.data.tokenize import templated_lengths
 from loraflow.errors import LoraflowError
 from loraflow.grid import Variant, rank_metric
 from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES, PipelineRun
-from loraflow.plan import ExecutionPlan, PlannedDataset, PlannedRun, RunPlan, plan_run
+from loraflow.plan import (
+    ExecutionPlan,
+    PlannedDataset,
+    PlannedRun,
+    RunPlan,
+    TemplatedTokens,
+    optimiser_steps,
+    plan_run,
+)
 from loraflow.registry import BEST_ALIAS, PROMOTED_ALIAS
 from loraflow.report import error_line
 from tasks.stage_tasks import plan_stages
 from tasks.stages import StageRecorder, result_storage
 
 
-def plan_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> tuple[PlannedDataset, PipelineRun]:
+class PlannedData(NamedTuple):
+    dataset: PlannedDataset
+    run: PipelineRun
+    templated_lengths: list[int] | None  # task chat: each train conversation's tokens after templating
+
+
+def plan_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PlannedData:
     """Prepare (or reuse) the dataset, and what the other data stages would do."""
     run = PipelineRun(plan, max_lengths=max_lengths)
     status = plan_stages(DATA_STAGES, run, StageRecorder(result_storage(plan.params)))
     prepared = run["prepared"]
     dataset = PlannedDataset(name=plan.params.dataset.resolved_name, path=plan.params.dataset.path,
                              data_dir=str(plan.layout.data), counts=prepared.counts, stages=status)
-    return dataset, run
+    lengths = templated_lengths(prepared.splits["train"], plan.model_path, plan.chat) if plan.chat else None
+    return PlannedData(dataset, run, lengths)
 
 
-def plan_training(plan: RunPlan, data: PipelineRun, registry_alias: str | None,
+def plan_training(plan: RunPlan, data: PlannedData, registry_alias: str | None,
                   values: dict[str, Any] | None = None) -> PlannedRun:
-    """One training run: its resolved settings, optimiser steps, folder, and which stages are cached."""
-    run = PipelineRun(plan, registry_alias=registry_alias, outputs=data.outputs)
+    """One training run: its resolved settings, optimiser steps (over packed rows when packing), folder,
+    templated tokens (chat), and which stages are cached."""
+    run = PipelineRun(plan, registry_alias=registry_alias, outputs=data.run.outputs)
     status = plan_stages(TRAINING_STAGES, run, StageRecorder(result_storage(plan.params)))
+    config, templated = run.config, None
+    steps = config.total_steps
+    if data.templated_lengths is not None:
+        templated = TemplatedTokens.count(data.templated_lengths, config.settings.max_length, plan.params.packing)
+        if templated.packed_rows is not None:
+            steps = optimiser_steps(templated.packed_rows, config.settings, config.processes)[1]
     return PlannedRun(name=plan.name, dataset=run["prepared"].name, output=plan.root, values=values or {},
-                      settings=run.config.settings, steps=run.config.total_steps, stages=status)
+                      settings=config.settings, steps=steps, templated=templated, stages=status)
 
 
 def plan_single(plan: RunPlan) -> ExecutionPlan:
-    dataset, data = plan_data(plan)
+    data = plan_data(plan)
     return ExecutionPlan(
         mode="single", name=plan.name, output_dir=str(Path(plan.params.output_dir).resolve()),
         registry=str(Path(plan.params.registry_root).resolve()), outputs={"result": str(plan.layout.result)},
-        datasets=[dataset], runs=[plan_training(plan, data, PROMOTED_ALIAS)],
+        datasets=[data.dataset], runs=[plan_training(plan, data, PROMOTED_ALIAS)],
     )
 
 
@@ -59,7 +82,8 @@ def plan_batch(params: BatchParams, runs: list[SingleParams], batch_folder: Path
     for run in runs:
         try:
             plan = plan_run(run)
-            dataset, data = plan_data(plan)
+            data = plan_data(plan)
+            dataset = data.dataset
             planned.append(plan_training(plan, data, PROMOTED_ALIAS))
         except LoraflowError as error:
             dataset = PlannedDataset(name=run.dataset.resolved_name, path=run.dataset.path, error=error_line(error))
@@ -75,14 +99,14 @@ def plan_batch(params: BatchParams, runs: list[SingleParams], batch_folder: Path
 
 def plan_variations(params: VariationsParams, base: RunPlan, variants: list[tuple[Variant, RunPlan]]) -> ExecutionPlan:
     """The shared preparation once, then every variant with its name, values, settings and cost."""
-    dataset, data = plan_data(base, {plan.settings.max_length for _, plan in variants})
+    data = plan_data(base, {plan.settings.max_length for _, plan in variants})
     metric = rank_metric(params)
     return ExecutionPlan(
         mode="variations", name=params.folder_name, output_dir=str(Path(params.output_dir).resolve()),
         registry=str(Path(params.registry_root).resolve()),
         outputs={"leaderboard": str(base.layout.root / "leaderboard.csv"),
                  "variations result": str(base.layout.root / "variations_result.json")},
-        datasets=[dataset],
+        datasets=[data.dataset],
         runs=[plan_training(plan, data, None, variant.values) for variant, plan in variants],
         notes=[f"ranked by {metric}; the best variant that passes its gates is registered as "
                f"{params.dataset.resolved_name!r} with alias {BEST_ALIAS!r}"],

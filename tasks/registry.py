@@ -18,12 +18,13 @@ from tasks.policies import transient_retries
 def register_task(
     registry_root: str, config: ResolvedConfig, adapter_dir: str, metrics: dict, passed: bool,
     alias: str = PROMOTED_ALIAS, gates: dict[str, float] | None = None, promotion: PromotionRequest | None = None,
+    merged: str | None = None,
 ) -> RegistryVersion:
     """Register the adapter, record this verdict, and point `alias` at it when `promotion`'s rule
     allows (default: every gate passed). Keyed on the gates and the rule too: the same adapter
     judged otherwise is a new verdict, not a cache hit."""
     version, move = register_and_decide(registry_root, config, adapter_dir, metrics, passed, alias, gates, promotion,
-                                        flow_run_id=flow_run.get_id(), log=get_run_logger().info)
+                                        merged, flow_run_id=flow_run.get_id(), log=get_run_logger().info)
     events.model_registered(version)
     if move is not None:
         events.alias_moved(version, alias, move)

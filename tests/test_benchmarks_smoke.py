@@ -15,6 +15,7 @@ from benchmarks import (
     cached_rerun,
     gpu_training,
     orchestration_overhead,
+    packing,
     preprocessing_scale,
     server_database,
     training_process,
@@ -83,6 +84,14 @@ def test_preprocessing_scale(tmp_path, api_url):
     assert column(table, "speed-up")[0] == "1.00x" and all(RATIO.match(r) for r in column(table, "speed-up"))
     assert all(float(value.replace(",", "")) > 0 for value in column(table, "rows/s"))
     assert all(float(value) > 0 for value in column(table, "peak MB"))
+
+
+def test_packing(tmp_path, api_url):
+    (table,) = run_smoke(packing, tmp_path, api_url)
+    assert column(table, "variant") == ["padded batches", "packing: true"]
+    assert column(table, "vs padded")[0] == "1.00x" and all(RATIO.match(r) for r in column(table, "vs padded"))
+    padded_steps, packed_steps = column(table, "steps")
+    assert packed_steps < padded_steps  # the same conversations in fewer, fuller rows
 
 
 def test_variations_sharing(tmp_path, api_url):

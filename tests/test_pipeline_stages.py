@@ -50,8 +50,8 @@ def quality_stage():
 
 def test_the_stage_lists_name_every_stage_once_in_pipeline_order():
     assert [stage.name for stage in (*DATA_STAGES, *TRAINING_STAGES)] == [
-        "prepare", "tokenize", "baseline", "train", "evaluate", "samples", "export", "register"]
-    assert len({stage.output for stage in (*DATA_STAGES, *TRAINING_STAGES)}) == 8
+        "prepare", "tokenize", "baseline", "train", "evaluate", "samples", "champion", "export", "register"]
+    assert len({stage.output for stage in (*DATA_STAGES, *TRAINING_STAGES)}) == 9
 
 
 def test_a_stage_added_to_the_list_runs_in_the_flow_the_plan_and_the_plain_pipeline(

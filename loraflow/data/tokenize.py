@@ -322,6 +322,14 @@ def _chat(rows: list[dict[str, Any]], tokenizer: Any, max_length: int, shard: Sh
     return {"input_ids": input_ids, "attention_mask": _all_attended(input_ids), "labels": labels}, rejects
 
 
+def templated_lengths(conversations_path: str, tokenizer_path: str, chat: ChatEncoding) -> list[int]:
+    """Tokens of each conversation of a prepared split after templating, counted as `_chat` counts them:
+    what `--plan` reports before anything is tokenised."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    template = training_template(tokenizer, chat.template)
+    return [len(assistant_spans(tokenizer, row["messages"], template)[0]) for row in read_jsonl(conversations_path)]
+
+
 def _too_long(row: dict[str, Any], tokens: int, max_length: int) -> dict[str, Any]:
     reason = (f"conversation has {tokens} tokens after templating, more than max_length={max_length}; shorten it "
               "or raise max_length")
