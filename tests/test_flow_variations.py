@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey, FlowRunFilter
 
 from flows.variations import variations
 from loraflow.config import VariationsParams
@@ -99,7 +99,10 @@ def test_the_leaderboard_ranks_every_variant_and_the_best_is_registered(grid_run
     assert "production" not in registry.index("reviews").aliases
     with get_client(sync_client=True) as client:
         key = "reviews-variations-leaderboard"
-        artifact = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))[0]
+        # this grid's own artifact: other tests' grids on the session's server use the same key
+        this_run = ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+        artifact = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]),
+                                                                        flow_run_id=this_run))[0]
     assert [row["name"] for row in json.loads(artifact.data)] == [row["name"] for row in rows]
 
 
