@@ -51,7 +51,12 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 from prefect.context import refresh_global_settings_context
 from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_ENABLED, get_current_settings
+from prefect.settings import (
+    PREFECT_API_URL,
+    PREFECT_SERVER_EPHEMERAL_ENABLED,
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+    get_current_settings,
+)
 from prefect.states import Cancelled, Cancelling, State
 
 from loraflow.errors import TrainingStopped
@@ -66,6 +71,7 @@ STOP_DEADLINE_S = LaunchOptions().stop_grace_s + 30
 SERVER_CHECK_S = 5.0  # how often the server is asked for its health
 SERVER_FAILURES = 3  # unanswered health checks in a row that count as the server gone
 SERVER_LOST_DEADLINE_S = 45.0  # after the server is gone: time for training to save its checkpoint
+SERVER_STARTUP_S = 120  # the longest a temporary server may take to answer before the run gives up
 CLIENT_MAX_RETRIES = "2"  # an API call retries 2 s + 4 s, not Prefect's default 2+4+8+16+32 s
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 LOCAL_SERVER_URL = "http://127.0.0.1:4200/api"  # where `prefect server start` listens by default
@@ -241,7 +247,10 @@ class TerminalSession:
             refresh_global_settings_context()
             self.server = shielded_server()
             if self.server is not None:
-                self.server.start()
+                # A fresh PREFECT_HOME migrates its database first: on a busy 2-core machine that outlasts
+                # Prefect's default wait, and the run then fails on its first API call.
+                self.server.start(timeout=max(SERVER_STARTUP_S,
+                                              PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()))
         self.api_url = self.server.api_url if self.server is not None else PREFECT_API_URL.value()
         for signum in EXIT_CODES:
             self._previous[signum] = signal.signal(signum, self._on_signal)
