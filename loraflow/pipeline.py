@@ -145,9 +145,10 @@ class PipelineRun:
             quantization=self.params.quantization,
         )
 
-    @property
+    @cached_property
     def gates(self) -> dict[str, GateVerdict]:
-        """The verdict of each gate in force (the profile's and the inline ones) on this run's metrics."""
+        """The verdict of each gate in force (the profile's and the inline ones) on this run's metrics;
+        judged once (the gates file is read once), when the metrics are there to judge."""
         verdicts = check_gates(self["metrics"], self.params.gate_set, self.params.gate_profile)
         return {verdict.metric: verdict for verdict in verdicts}
 
