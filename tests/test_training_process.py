@@ -111,6 +111,9 @@ def test_single_and_multi_node_launch_commands(tmp_path):
     assert single[:2] == ["python", "-c"] and single[3] == "123"
     assert torchrun == ["--nproc-per-node=2", "--standalone", "--max-restarts=0", "-m", "loraflow.train.worker",
                         "/runs/x/.training/job.json"]
+    alone = torchrun_command("/runs/x/.training/job.json", 1, LaunchOptions(), launcher_pid=123, python="python")
+    assert alone[3:] == ["123", "-m", "loraflow.train.worker", "/runs/x/.training/job.json"], \
+        "one device on one node is its one rank, without torchrun's agent"
 
     env = {"LORAFLOW_RDZV_ENDPOINT": "train-0.train:29400", "LORAFLOW_RDZV_ID": "run-7"}
     with pytest.MonkeyPatch.context() as patch:

@@ -1,6 +1,7 @@
 """Run a training as its own process tree, started with torchrun, watched, and never left behind.
 
     python -m torch.distributed.run --nproc-per-node=N --standalone -m loraflow.train.worker job.json
+    python -m loraflow.train.worker job.json                     # one device on one node
 
 `run_training` writes the job (the `TrainRequest` plus where to put results), starts torchrun
 on the devices of a `DeviceLease` (the child sees only those), forwards rank 0's progress and
@@ -101,15 +102,21 @@ class LaunchOptions(BaseModel):
 
 def torchrun_command(job_file: str | Path, nproc_per_node: int, options: LaunchOptions,
                      launcher_pid: int | None = None, python: str = sys.executable) -> list[str]:
-    """The child's command line: the orphan guard, then torchrun with one rank per device."""
+    """The child's command line: the orphan guard, then torchrun with one rank per device.
+
+    A one-device training on one node is the one rank alone, started without the torchrun agent:
+    the agent would import torch a second time and run a rendezvous for a world of one (2-3 s per
+    training on a 2-core machine), and the rank would wrap its model in a DDP of one process."""
+    guard = [python, "-c", _ORPHAN_GUARD, str(launcher_pid or os.getpid())]
+    if nproc_per_node == 1 and options.nnodes == 1:
+        return [*guard, "-m", "loraflow.train.worker", str(job_file)]
     if options.nnodes == 1:
         rendezvous = ["--standalone"]
     else:
         rendezvous = [f"--nnodes={options.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={options.rdzv_endpoint}",
                       f"--rdzv-id={options.rdzv_id}"]
     return [
-        python, "-c", _ORPHAN_GUARD, str(launcher_pid or os.getpid()),
-        "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", *rendezvous, "--max-restarts=0",
+        *guard, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", *rendezvous, "--max-restarts=0",
         "-m", "loraflow.train.worker", str(job_file),
     ]
 
