@@ -6,7 +6,8 @@
 
 The flow reads as the pipeline: check the parameters, run the data stages once
 (`prepare_data`), then the training stages: train, evaluate, gate and register
-(`train_evaluate`, its own subflow run). The stages themselves, their inputs and cache keys,
+(`train_evaluate`, its own subflow run), and, with `approval: required`, ask a person before
+`production` moves (`await_approval`). The stages themselves, their inputs and cache keys,
 are listed once in `loraflow/pipeline.py`; each runs as a Prefect task around its core
 function, with its own retry and cache policy (`tasks/stage_tasks.py`). `batch` runs this
 flow per dataset; `variations` runs `prepare_data` once and `train_evaluate` per grid point.
@@ -26,6 +27,7 @@ from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES, PipelineRun
 from loraflow.plan import PreparedData, RunPlan, plan_run, write_resolved_config
 from loraflow.registry import PROMOTED_ALIAS
 from loraflow.report import RunResult, failure_message, write_result
+from tasks.approval import await_approval
 from tasks.interrupts import hold_run_folder
 from tasks.plans import plan_single
 from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_summary
@@ -50,7 +52,7 @@ def single(params: SingleParams) -> State:
         trained = train_evaluate.with_options(flow_run_name=plan.name)(plan, data, return_state=True)
     if stop.state or trained.is_cancelled():
         return stop.state or first_cancelled([trained])
-    result = trained.result()
+    result = await_approval(trained.result(), params.registry_root, params.approval_timeout_s)
     return final_state(result, failure_message(result) if not result.passed else f"{plan.name}: all gates passed",
                        failed=not result.passed)
 

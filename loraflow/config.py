@@ -25,10 +25,10 @@ from pydantic import (
 
 from loraflow.chat import template_text
 from loraflow.errors import ConfigError
-from loraflow.gates import Gate, GateVerdict, load_gate_profile
+from loraflow.gates import Approval, Gate, GateVerdict, load_gate_profile
 from loraflow.grid import expand_variations
 from loraflow.metrics import HIGHER_IS_BETTER
-from loraflow.promotion import Approval, PromotionRequest, Rule
+from loraflow.promotion import PromotionRequest, Rule
 from loraflow.settings import (
     DEFAULT_PRESET,
     StrictModel,
@@ -131,8 +131,12 @@ class RunSettings(StrictModel):
     )
     approval: Approval = Field(
         default="none",
-        description="`required`: a run the rule would promote is registered but not promoted; promote it with "
-        "`python flows/registry.py promote <name> <version>`.",
+        description="`required`: a run the rule would promote waits for a person's answer in the Prefect UI (or "
+        "the REST API) before `production` moves; a gate profile can ask for it too (`approval: required`).",
+    )
+    approval_timeout_s: int = Field(
+        default=86400, gt=0, description="How long a run waits for that answer; after it the version stays "
+        "registered and not promoted.",
     )
     output_dir: str = Field(default="runs", description="Root folder for everything the run produces.")
     registry_dir: str | None = Field(default=None, description="Adapter registry root; defaults to <output_dir>/registry.")
@@ -206,7 +210,7 @@ class RunSettings(StrictModel):
         default_factory=list,
         description="Experiment trackers besides loraflow's own files: `tensorboard` (event files in <run>/logs/"
         "tensorboard), `mlflow` (an experiment per dataset or grid, a run per training run). Needs "
-        "`pip install 'loraflow[tracking]'`.",
+        "`pip install -e '.[tracking]'`.",
     )
     mlflow_tracking_uri: str | None = Field(
         default=None,
@@ -256,8 +260,15 @@ class RunSettings(StrictModel):
     @property
     def gate_set(self) -> dict[str, float | Gate]:
         """The gates in force: the profile's, with the inline `gates` (bare thresholds: critical) on top."""
-        profile = load_gate_profile(self.gates_file, self.gate_profile) if self.gate_profile else {}
+        profile = load_gate_profile(self.gates_file, self.gate_profile).gates if self.gate_profile else {}
         return {**profile, **self.gates}
+
+    @property
+    def approval_in_force(self) -> Approval:
+        """`required` when the parameters or the gate profile in force ask for a person's approval."""
+        if self.approval == "required" or not self.gate_profile:
+            return self.approval
+        return load_gate_profile(self.gates_file, self.gate_profile).approval
 
     @property
     def gate_thresholds(self) -> dict[str, float]:
@@ -266,7 +277,7 @@ class RunSettings(StrictModel):
 
     def promotion(self, verdicts: Iterable[GateVerdict], baseline: dict[str, Any]) -> PromotionRequest:
         """This run's side of the promotion decision: the rule and the evidence."""
-        return PromotionRequest(rule=self.promote_if, min_improvement=self.min_improvement, approval=self.approval,
+        return PromotionRequest(rule=self.promote_if, min_improvement=self.min_improvement, approval=self.approval_in_force,
                                 verdicts=list(verdicts), baseline=baseline)
 
     @model_validator(mode="after")

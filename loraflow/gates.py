@@ -21,6 +21,7 @@ from loraflow.metrics import HIGHER_IS_BETTER
 from loraflow.settings import StrictModel, suggest
 
 Severity = Literal["critical", "warning"]
+Approval = Literal["none", "required"]  # `required`: a promotion waits for a person's answer
 
 
 class Gate(StrictModel):
@@ -61,13 +62,21 @@ def gates_pass(verdicts: Iterable[GateVerdict]) -> bool:
 
 
 class GatesFile(StrictModel):
-    """`profiles: {<name>: {<metric>: <threshold> | {threshold: ..., severity: critical|warning}}}`."""
+    """`profiles: {<name>: {<metric>: <threshold> | {threshold: ..., severity: critical|warning}, approval: ...}}`."""
 
-    profiles: dict[str, dict[str, float | Gate]] = Field(min_length=1)
+    profiles: dict[str, dict[str, float | Gate | Approval]] = Field(min_length=1)
 
 
-def load_gate_profile(path: str | Path, profile: str) -> dict[str, Gate]:
-    """The gates of `profile` in the gates file at `path`, each with its severity; one line on any error."""
+class GateProfile(BaseModel):
+    """One environment's gates, and whether its promotions wait for a person's approval."""
+
+    gates: dict[str, Gate]
+    approval: Approval = "none"
+
+
+def load_gate_profile(path: str | Path, profile: str) -> GateProfile:
+    """The gates of `profile` in the gates file at `path`, each with its severity, and the profile's
+    `approval` (a reserved key beside the metrics); one line on any error."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"gates_file {path}: not found")
@@ -87,9 +96,15 @@ def load_gate_profile(path: str | Path, profile: str) -> dict[str, Gate]:
                           "threshold or {threshold, severity}}}}}`)") from None
     if profile not in profiles:
         raise ConfigError(f"{path}: no gate profile {profile!r}{suggest(profile, profiles)}")
+    entries = dict(profiles[profile])
+    approval = entries.pop("approval", "none")
+    if not isinstance(approval, str):
+        raise ConfigError(f"{path}: profiles.{profile}.approval: expected none or required")
     gates = {}
-    for metric, gate in profiles[profile].items():
+    for metric, gate in entries.items():
         if metric not in HIGHER_IS_BETTER:
             raise ConfigError(f"{path}: profiles.{profile}.{metric}: unknown gate metric{suggest(metric, HIGHER_IS_BETTER)}")
+        if isinstance(gate, str):
+            raise ConfigError(f"{path}: profiles.{profile}.{metric}: expected a threshold or {{threshold, severity}}")
         gates[metric] = gate if isinstance(gate, Gate) else Gate(threshold=gate)
-    return gates
+    return GateProfile(gates=gates, approval=approval)

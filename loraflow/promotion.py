@@ -9,7 +9,8 @@ Rules (`promote_if`):
     passes   every critical gate passed.
     never    register only.
 The compared metrics are the gate metrics, or every known metric when no gate is set.
-`approval: required` holds a promotion the rule allows until someone promotes it by hand.
+`approval: required` holds a promotion the rule allows until a person answers: `answered` turns
+the held decision into the final one (approved: promote; rejected: record why not).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from loraflow.gates import GateVerdict
+from loraflow.gates import Approval, GateVerdict
 from loraflow.metrics import HIGHER_IS_BETTER
 
 Rule = Literal["better", "passes", "never"]
-Approval = Literal["none", "required"]
+HELD_FOR_APPROVAL = "; held for approval (approval: required)"
 
 
 class Champion(BaseModel):
@@ -55,6 +56,15 @@ class ComparisonRow(BaseModel):
     delta: float | None  # candidate - champion
 
 
+class ApprovalAnswer(BaseModel):
+    """A person's answer to a held promotion, and where it came from."""
+
+    approved: bool
+    comment: str = ""
+    flow_run_id: str | None = None  # the run that asked and received the answer
+    when: str
+
+
 class PromotionDecision(BaseModel):
     promote: bool
     alias: str
@@ -62,6 +72,28 @@ class PromotionDecision(BaseModel):
     reason: str  # one line
     champion: int | None = None  # the version compared against
     comparison: list[ComparisonRow] = Field(default_factory=list)
+    awaiting_approval: bool = False  # the rule promotes, `approval: required` holds it for a person's answer
+    approval: ApprovalAnswer | None = None  # that answer, once given
+
+    def answered(self, answer: ApprovalAnswer) -> "PromotionDecision":
+        """The final decision once a person answered the held one."""
+        said = f" ({answer.comment})" if answer.comment else ""
+        answer_text = ("approved" if answer.approved else "rejected") + said
+        reason = f"{self.reason.removesuffix(HELD_FOR_APPROVAL)}; {answer_text}"
+        return self.model_copy(update={"promote": answer.approved, "awaiting_approval": False, "approval": answer,
+                                       "reason": reason})
+
+    def approval_request(self, name: str, version: int) -> str:
+        """What the person deciding sees (the Prefect UI's resume form): the question, the rule's
+        reason and the comparison, as Markdown."""
+        keeps = f"keeps it at v{self.champion}" if self.champion is not None else "leaves it unset"
+        return "\n\n".join([
+            f"### Promote {name} v{version} to `{self.alias}`?",
+            f"The rule (`promote_if: {self.rule}`) would promote it: {self.reason.removesuffix(HELD_FOR_APPROVAL)}.",
+            self.table(),
+            f"**approve** moves `{self.alias}` to v{version}; **reject** {keeps}. Either way the answer and "
+            "the comment are recorded on the version's verdict in the registry.",
+        ])
 
     def table(self) -> str:
         """The comparison as Markdown: base, champion, candidate and delta per compared metric."""
@@ -97,10 +129,12 @@ def decide(request: PromotionRequest, alias: str, passed: bool, metrics: dict[st
             row.delta = row.candidate - row.champion
 
     def decision(promote: bool, reason: str) -> PromotionDecision:
-        if promote and request.approval == "required":
-            promote, reason = False, f"{reason}; held for approval (approval: required)"
+        held = promote and request.approval == "required"
+        if held:
+            promote, reason = False, reason + HELD_FOR_APPROVAL
         return PromotionDecision(promote=promote, alias=alias, rule=request.rule, reason=reason,
-                                 champion=champion.version if champion else None, comparison=rows)
+                                 champion=champion.version if champion else None, comparison=rows,
+                                 awaiting_approval=held)
 
     if not passed:
         failed = [v.metric for v in request.verdicts if v.severity == "critical" and not v.passed]

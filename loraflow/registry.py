@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field, model_validator
 from loraflow.errors import ConfigError, RegistryError
 from loraflow.fingerprint import hash_tree
 from loraflow.layout import atomic_write_json, honour_umask
-from loraflow.promotion import Champion, PromotionDecision, PromotionRequest, decide
+from loraflow.promotion import ApprovalAnswer, Champion, PromotionDecision, PromotionRequest, decide
 from loraflow.settings import check_safe_name
 
 # The aliases loraflow moves: a single or batch run's passing adapter, and a variations grid's winner.
@@ -309,6 +309,24 @@ class Registry:
         with self._locked(name) as index:
             target = index.get(version)
             return index.move(alias, target, target.passing_verdict(), flow_run_id=flow_run_id, comment=comment)
+
+    def answer_approval(self, name: str, version: int,
+                        answer: ApprovalAnswer) -> tuple[RegistryVersion, AliasMove | None]:
+        """Turn `version`'s held promotion (`approval: required`) into the final one: approved, its
+        alias moves to it in the same index write; rejected, the refusal is recorded on the verdict.
+        A decision that is not waiting (answered before: a resumed run asks once) stays as it is."""
+        with self._locked(name) as index:
+            target = index.get(version)
+            verdict = target.verdicts[target.verdict - 1]
+            if verdict.promotion is None or not verdict.promotion.awaiting_approval:
+                return target, None
+            alias = verdict.promotion.alias
+            verdict.promotion = verdict.promotion.answered(answer)
+            move = None
+            if answer.approved:
+                move = index.move(alias, target, verdict, flow_run_id=answer.flow_run_id,
+                                  comment=verdict.promotion.reason)
+            return target, move
 
     def rollback(self, name: str, alias: str, flow_run_id: str | None = None,
                  comment: str | None = None) -> AliasMove | None:

@@ -8,7 +8,9 @@ torn down also when a test fails.
 
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -19,14 +21,17 @@ import httpx
 import pytest
 
 from deployments.setup import UNRESPONSIVE
+from loraflow.registry import Registry
 from tests.production_stack import (
     REPO,
     SETUP,
+    TERMINAL,
     ancestors,
     create_run,
     deployment_id,
     flow_runs,
     prefect_stack,
+    training_runs,
     wait_finished,
     wait_for,
 )
@@ -147,3 +152,65 @@ def test_setup_is_idempotent(stack, single_run):
     assert {name: deployment_id(api, name) for name in before} == before
     automations = [automation["name"] for automation in httpx.post(f"{api}/automations/filter", json={}).json()]
     assert len(automations) == 2 and UNRESPONSIVE in automations  # the dataset trigger, and crashing zombie runs
+
+
+def _flow_run_processes(run_id: str) -> list[int]:
+    """Pids of this host's processes running flow run `run_id` (a process worker gives each its id)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.read_bytes().split(b"\0"):
+                found.append(int(environ.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_approval_suspends_the_run_and_an_answer_over_rest_promotes_or_rejects_it(stack, single_run):
+    """`approval: required` on a deployment run: it suspends (its process ends while it waits), is
+    answered through the REST API, starts again on the worker, trains nothing again, and promotes
+    (approve) or records the rejection (reject)."""
+    api, root = stack["api"], stack["root"]
+    runs = {}
+    for name, seed in (("approved", 3), ("rejected", 4)):
+        data = write_messy_csv(root / f"{name}.csv", easy_classification_examples(90, seed=seed))
+        runs[name] = create_run(api, "single/loraflow", {
+            "dataset": {"path": str(data)}, "overrides": FAST_CLASSIFICATION, "gates": {"accuracy": 0.8},
+            "output_dir": str(root / "runs"), "shard_size": 40, "approval": "required"})
+
+    def suspended() -> dict[str, dict] | None:
+        found = {run["id"]: run for run in flow_runs(api, flow_runs={"id": {"any_": list(runs.values())}})}
+        assert not any(run["state_type"] in TERMINAL for run in found.values()), found
+        return found if all(run["state_name"] == "Suspended" for run in found.values()) else None
+
+    try:
+        wait_for("both runs to suspend for approval", suspended, timeout=420, interval=3)
+    except pytest.fail.Exception:
+        print(stack["processes"].tail("worker-loraflow-cpu"), stack["processes"].tail("worker-loraflow-gpu"), sep="\n")
+        raise
+    time.sleep(3)  # the worker reaps its flow-run process once the run is suspended
+    assert {name: _flow_run_processes(run_id) for name, run_id in runs.items()} == {"approved": [], "rejected": []}, \
+        "nothing of a suspended run keeps running while it waits"
+    form = httpx.post(f"{api}/flow_runs/{runs['approved']}/input/filter",
+                      json={"prefix": "suspended-approval-approved-v1", "limit": 10}, timeout=30).json()
+    description = next(json.loads(item["value"]) for item in form if item["key"].endswith("-description"))
+    assert description.startswith("### Promote approved v1 to `production`?") and "| accuracy |" in description
+
+    for name, decision in (("approved", "approve"), ("rejected", "reject")):
+        response = httpx.post(f"{api}/flow_runs/{runs[name]}/resume",
+                              json={"run_input": {"decision": decision, "comment": f"{name} by ana"}}, timeout=30)
+        assert response.json()["status"] == "ACCEPT", response.text
+    finished = wait_finished(api, list(runs.values()), timeout=300)
+    assert {name: finished[run_id]["state_type"] for name, run_id in runs.items()} == \
+        {"approved": "COMPLETED", "rejected": "COMPLETED"}
+
+    registry = Registry(root / "runs" / "registry")
+    assert registry.index("approved").aliases == {"production": 1}
+    assert "production" not in registry.index("rejected").aliases
+    results = {name: json.loads((root / "runs" / name / "result.json").read_text()) for name in runs}
+    assert results["approved"]["promotion"]["reason"].endswith("; approved (approved by ana)")
+    assert results["rejected"]["promotion"]["reason"].endswith("; rejected (rejected by ana)")
+    assert results["rejected"]["promotion"]["approval"]["approved"] is False
+    assert all(result["cached"]["train"] for result in results.values()), "the resumed run trained nothing again"
+    trainings = [ancestors(api, run)[-1] for run in training_runs(api).values()]
+    assert {name: trainings.count(run_id) for name, run_id in runs.items()} == {"approved": 1, "rejected": 1}
