@@ -270,6 +270,8 @@ def final_metrics(result) -> dict[str, float]:
 
 def run_record(result, resolved_config: dict[str, Any], pictures: dict[str, str], report: str | None) -> RunRecord:
     """A trained and evaluated run, as MLflow records it."""
+    from loraflow.report import gate_verdict
+
     manifest = result.paths.get("manifest")
     params = {f"config.{key}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
               for key, value in flatten(resolved_config).items()}
@@ -279,8 +281,7 @@ def run_record(result, resolved_config: dict[str, Any], pictures: dict[str, str]
         "loraflow.model": result.model,
         "loraflow.dataset_fingerprint": str(resolved_config.get("dataset_fingerprint", "")),
         "loraflow.config_fingerprint": str(resolved_config.get("fingerprint", "")),
-        "loraflow.gates": "; ".join(f"{g.metric} {'pass' if g.passed else 'FAIL'}" for g in result.gates.values())
-                          or "none set",
+        "loraflow.gates": "; ".join(f"{g.metric} {gate_verdict(g)}" for g in result.gates.values()) or "none set",
         "loraflow.adapter_path": result.adapter_path,
         "loraflow.result_path": result.paths.get("result", ""),
     }

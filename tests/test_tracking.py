@@ -14,12 +14,19 @@ import pytest
 
 from loraflow.config import SingleParams
 from loraflow.errors import ConfigError
-from loraflow.gates import check_gates
+from loraflow.gates import Gate, check_gates
 from loraflow.html_report import write_grid_report, write_run_report
 from loraflow.layout import atomic_write_json, atomic_write_jsonl
 from loraflow.pictures import grid_pictures, run_pictures, training_history
 from loraflow.report import RunOutcome, RunResult, summary_markdown
-from loraflow.tracking import TrackingRequest, check_trackers, mlflow_uri, unreachable, write_tensorboard
+from loraflow.tracking import (
+    TrackingRequest,
+    check_trackers,
+    mlflow_uri,
+    run_record,
+    unreachable,
+    write_tensorboard,
+)
 from loraflow.train.reporting import _guard, report_to
 from loraflow.variations import VariationsResult
 from tests import browser
@@ -224,6 +231,17 @@ def test_the_summary_artifact_links_the_report_and_pictures(tmp_path):
     markdown = summary_markdown(result)
     assert f"Loss curve: [{pictures['loss_curve']}]({Path(pictures['loss_curve']).as_uri()})" in markdown
     assert "MLflow run: [http://h:5000/#/runs/1](http://h:5000/#/runs/1)" in markdown
+
+
+def test_a_failed_warning_gate_reads_warn_in_the_mlflow_tag_and_the_report_not_fail(tmp_path):
+    result = fake_run(tmp_path)
+    gates = check_gates(result.metrics, {"accuracy": 0.8, "f1_macro": Gate(threshold=0.95, severity="warning")})
+    result = result.model_copy(update={"gates": {verdict.metric: verdict for verdict in gates}})
+    tag = run_record(result, {}, {}, None).tags["loraflow.gates"]
+    assert tag == "accuracy pass; f1_macro WARN (warning)"  # f1_macro 0.89 < 0.95: a warning, the run passed
+    html = write_run_report(result, {}, {}, tmp_path / "report.html").read_text()
+    assert '<span class="badge WARN">WARN (warning)</span>' in html and '<span class="badge pass">pass</span>' in html
+    assert ".WARN {" in html  # a style of its own, not the orange of a failed critical gate
 
 
 def test_tensorboard_gets_final_metrics_and_pictures_without_torch(tmp_path):
