@@ -17,7 +17,12 @@ from loraflow.errors import ConfigError
 from loraflow.gates import Gate, check_gates
 from loraflow.html_report import write_grid_report, write_run_report
 from loraflow.layout import atomic_write_json, atomic_write_jsonl
-from loraflow.pictures import grid_pictures, run_pictures, training_history
+from loraflow.pictures import (
+    draw_metric_by_setting,
+    grid_pictures,
+    run_pictures,
+    training_history,
+)
 from loraflow.report import RunOutcome, RunResult, summary_markdown
 from loraflow.tracking import (
     TrackingRequest,
@@ -162,6 +167,23 @@ def test_pictures_whose_inputs_did_not_change_are_kept_without_loading_matplotli
     run_pictures(tmp_path, result.name)
     assert Path(first["loss_curve"]).stat().st_mtime_ns > drawn["loss_curve"]  # new steps: drawn again
     assert Path(first["confusion_matrix"]).stat().st_mtime_ns == drawn["confusion_matrix"]
+
+
+def best_line(figure) -> list[list[float]]:
+    """The "best at each value" line of each panel of a metric-by-setting picture."""
+    return [list(axes.lines[0].get_ydata()) for axes in figure.axes]
+
+
+def test_the_grid_picture_joins_the_better_value_of_each_setting_lower_for_a_loss():
+    rows = [{"name": f"v{lr}-{r}", "status": "passed", "values": {"learning_rate": lr, "lora.r": r},
+             "metrics": {"eval_loss": loss, "accuracy": accuracy}}
+            for lr, r, loss, accuracy in ((0.001, 4, 2.0, 0.6), (0.001, 8, 1.5, 0.7), (0.01, 4, 1.0, 0.9),
+                                          (0.01, 8, 3.0, 0.4))]
+    by_loss = draw_metric_by_setting(rows, "eval_loss", "lm-variations")
+    assert best_line(by_loss) == [[1.5, 1.0], [1.0, 1.5]]  # the lowest loss at each learning rate, at each rank
+    assert by_loss.axes[0].get_ylabel() == "eval_loss (test split, nats)"
+    by_accuracy = draw_metric_by_setting(rows, "accuracy", "lm-variations")
+    assert best_line(by_accuracy) == [[0.7, 0.9], [0.9, 0.7]]  # the highest accuracy
 
 
 def test_a_run_without_logged_steps_or_classes_draws_nothing(tmp_path):
