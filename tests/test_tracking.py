@@ -18,6 +18,9 @@ from loraflow.gates import Gate, check_gates
 from loraflow.html_report import write_grid_report, write_run_report
 from loraflow.layout import atomic_write_json, atomic_write_jsonl
 from loraflow.pictures import (
+    draw_confusion_matrices,
+    draw_leaderboard_chart,
+    draw_loss_curve,
     draw_metric_by_setting,
     grid_pictures,
     run_pictures,
@@ -167,6 +170,45 @@ def test_pictures_whose_inputs_did_not_change_are_kept_without_loading_matplotli
     run_pictures(tmp_path, result.name)
     assert Path(first["loss_curve"]).stat().st_mtime_ns > drawn["loss_curve"]  # new steps: drawn again
     assert Path(first["confusion_matrix"]).stat().st_mtime_ns == drawn["confusion_matrix"]
+
+
+def texts(items) -> list[str]:
+    return [item.get_text() for item in items]
+
+
+def test_each_picture_says_what_it_shows_in_its_title_axis_labels_and_units(tmp_path):
+    result = fake_run(tmp_path)
+    loss = draw_loss_curve(training_history(tmp_path / "logs" / "metrics.jsonl"), "reviews")
+    assert loss.get_suptitle() == "reviews: loss and learning rate during training"
+    loss_axes, rate_axes = loss.axes
+    assert loss_axes.get_ylabel() == "loss (cross-entropy, nats)"
+    assert texts(loss_axes.get_legend().get_texts()) == ["training loss", "validation loss"]
+    assert [axes.get_xlabel() for axes in loss_axes.child_axes] == ["epoch"]  # along the top
+    assert (rate_axes.get_xlabel(), rate_axes.get_ylabel()) == ("optimiser step", "learning rate")
+
+    confusion = draw_confusion_matrices(result.metrics, [("base model, no adapter", result.baseline),
+                                                         ("with the adapter", result.metrics)], "reviews")
+    assert confusion.get_suptitle() == "reviews: confusion matrix on the test split (20 examples)"
+    *panels, scale = confusion.axes
+    assert [axes.get_title() for axes in panels] == ["base model, no adapter\naccuracy 50.0%",
+                                                     "with the adapter\naccuracy 90.0%"]
+    assert {(axes.get_xlabel(), axes.get_ylabel()) for axes in panels} == {("predicted label", "true label")}
+    assert texts(panels[0].get_xticklabels()) == LABELS == texts(panels[0].get_yticklabels())
+    assert scale.get_ylabel() == "examples"  # the colour bar counts test examples
+
+    rows = [o.model_dump() for o in grid_result(tmp_path).leaderboard]
+    by_setting = draw_metric_by_setting(rows, "accuracy", "v-variations")
+    assert by_setting.get_suptitle() == "v-variations: accuracy against each varied setting"
+    assert [axes.get_xlabel() for axes in by_setting.axes] == ["learning_rate", "lora.r"]
+    assert by_setting.axes[0].get_ylabel() == "accuracy (test split)"
+    assert texts(by_setting.axes[0].get_xticklabels()) == ["0.001", "0.01"]
+    assert "best at each value" in texts(by_setting.legends[0].get_texts())
+    chart = draw_leaderboard_chart(rows, "accuracy", "v-variations", baseline=0.5, threshold=0.8)
+    [axes] = chart.axes
+    assert axes.get_title(loc="left") == "v-variations: variants ranked by accuracy"
+    assert axes.get_xlabel() == "accuracy (test split)"
+    assert texts(axes.get_yticklabels()) == ["v-lr0.001", "v-lr0.01"]  # bottom up: the best on top
+    assert {"base model 0.5000", "gate 0.8"} <= set(texts(axes.get_legend().get_texts()))
 
 
 def best_line(figure) -> list[list[float]]:
