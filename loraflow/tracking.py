@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from loraflow.errors import ConfigError
 
 TRACKERS = ("tensorboard", "mlflow")
-INSTALL_HINT = "pip install 'loraflow[tracking]'"
+INSTALL_HINT = "pip install -e '.[tracking]'"
 PREFECT_FLOW_RUN_TAG = "prefect.flow_run_id"
 HEALTH_TIMEOUT_S = 5.0
 Log = Callable[[str], None]

@@ -60,6 +60,40 @@ def test_an_unreachable_tracking_server_fails_the_parameter_check_in_one_line(tm
     check_trackers(["mlflow"], "sqlite:///" + str(tmp_path / "m.db"), tmp_path)  # a local store is always there
 
 
+def tracked_params(tmp_path: Path, **changes) -> SingleParams:
+    """A run asking for MLflow; all-linear LoRA targets spare the plan building the model to check them."""
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nhello,a\nbye,b\n")
+    return SingleParams(dataset={"path": str(data)}, output_dir=str(tmp_path / "out"), tracking=["mlflow"],
+                        overrides={"lora.target_modules": "all-linear"}, **changes)
+
+
+def test_the_plan_fails_in_one_line_on_an_unreachable_tracking_server_before_any_work(tmp_path):
+    from loraflow.plan import plan_run
+
+    uri = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(ConfigError) as error:
+        plan_run(tracked_params(tmp_path, mlflow_tracking_uri=uri))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"mlflow_tracking_uri: cannot reach the MLflow tracking "
+                                                       f"server at {uri}")
+
+
+def test_the_plan_says_how_to_install_a_tracker_that_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    from loraflow.plan import plan_run
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "mlflow" else
+                        find_spec(name, *args))
+    with pytest.raises(ConfigError) as error:
+        plan_run(tracked_params(tmp_path))
+    assert str(error.value) == "tracking: mlflow is not installed; pip install -e '.[tracking]'"  # as the README says
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "pip install -e '.[tracking]'" in readme
+
+
 def test_mlflow_uri_is_the_parameter_then_the_environment_then_a_store_under_the_output(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert mlflow_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
