@@ -174,11 +174,20 @@ class RunRecord(BaseModel):
 
 
 def log_mlflow_run(uri: str, run_id: str, record: RunRecord, finish: bool = True) -> None:
-    """Params, final metrics, tags and artifacts into an existing run; then mark it finished."""
+    """Params, final metrics, tags and artifacts into an existing run; then mark it finished, even
+    when logging them raised (the training did finish: what is missing is the caller's warning)."""
+    client = _client(uri)
+    try:
+        _log_record(client, run_id, record)
+    finally:
+        if finish:
+            client.set_terminated(run_id, "FINISHED")
+
+
+def _log_record(client, run_id: str, record: RunRecord) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-    client = _client(uri)
     now = int(time.time() * 1000)
     params = [Param(key, value[:MAX_PARAM_VAL_LENGTH]) for key, value in record.params.items()]
     for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
@@ -195,8 +204,6 @@ def log_mlflow_run(uri: str, run_id: str, record: RunRecord, finish: bool = True
             client.log_artifacts(run_id, path, folder)
         elif Path(path).is_file():
             client.log_artifact(run_id, path, folder)
-    if finish:
-        client.set_terminated(run_id, "FINISHED")
 
 
 def end_mlflow_run(uri: str, run_id: str, status: str) -> None:

@@ -362,15 +362,21 @@ def test_importing_the_flows_loads_neither_mlflow_nor_matplotlib_nor_tensorboard
 
 
 def test_an_mlflow_run_whose_training_broke_is_ended_failed_or_killed_not_left_running(tmp_path):
+    """Nor a run whose results could not all be logged, nor a grid's parent run when the grid broke."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from prefect.logging import disable_run_logger
 
+    from loraflow.config import VariationsParams
     from loraflow.errors import TrainingStopped
-    from loraflow.tracking import start_mlflow_run
-    from tasks.tracking import ended_if_failed
+    from loraflow.grid import Variant
+    from loraflow.plan import RunPlan
+    from loraflow.tracking import RunRecord, TrackingParent, log_mlflow_run, start_mlflow_run
+    from tasks.tracking import ended_if_failed, grid_ended_if_failed
     from tests.test_train import request_for
 
     uri = mlflow_uri(None, str(tmp_path))
+    status = lambda run_id: MlflowClient(tracking_uri=uri).get_run(run_id).info.status  # noqa: E731
     statuses = {}
     for error in (RuntimeError("the training broke"), TrainingStopped("training stopped on request at step 3")):
         run_id, _ = start_mlflow_run(uri, tmp_path, "failures", type(error).__name__, tags={})
@@ -378,5 +384,20 @@ def test_an_mlflow_run_whose_training_broke_is_ended_failed_or_killed_not_left_r
             run_name="x", report_to=["mlflow"], mlflow_tracking_uri=uri, mlflow_run_id=run_id)})
         with disable_run_logger(), pytest.raises(type(error)), ended_if_failed(request):
             raise error
-        statuses[type(error).__name__] = MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+        statuses[type(error).__name__] = status(run_id)
     assert statuses == {"RuntimeError": "FAILED", "TrainingStopped": "KILLED"}
+
+    run_id, _ = start_mlflow_run(uri, tmp_path, "failures", "half-logged", tags={})
+    with pytest.raises(MlflowException):  # the caller's `safely` makes this a warning
+        log_mlflow_run(uri, run_id, RunRecord(params={"not/../a name": "x"}))
+    assert status(run_id) == "FINISHED"  # the training finished; only some of its results are missing
+
+    parent_id, _ = start_mlflow_run(uri, tmp_path, "grid", "grid", tags={})
+    params = VariationsParams(dataset={"path": "d.csv"}, grid={"learning_rate": [0.1, 0.2]}, output_dir=str(tmp_path),
+                              mlflow_tracking_uri=uri, tracking=["mlflow"])
+    plan = RunPlan(params=params, name="v", model_path="/m", model_identity="m", root=str(tmp_path / "v"),
+                   tracking_parent=TrackingParent(experiment="grid", mlflow_run_id=parent_id))
+    with disable_run_logger(), pytest.raises(RuntimeError), grid_ended_if_failed(
+            params, [(Variant(index=1, name="v", values={}, overrides={}), plan)]):
+        raise RuntimeError("registering the best variant broke")
+    assert status(parent_id) == "FAILED"
