@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import yaml
@@ -207,6 +208,25 @@ def test_a_variations_grid_is_a_parent_mlflow_run_with_a_child_run_per_variant(t
     assert grid.paths["leaderboard_chart"] == str(root / "leaderboard.png")
     assert grid.paths["metric_by_setting"] == str(root / "metric_by_setting.png")
     assert "leaderboard.png" in artifact_names(uri, parent.info.run_id, "pictures/leaderboard_chart")
+
+    # Prefect links the parent run and the grid's pictures and report (the server holds every test's: this grid's)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    address = f"{uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert grid.paths["mlflow_run"] == address
+    grid_run = parent.data.tags[PREFECT_FLOW_RUN_TAG]
+    with get_client(sync_client=True) as prefect:
+        variant_run = prefect.read_flow_run(next(iter(children.values())).data.tags[PREFECT_FLOW_RUN_TAG])
+        assert prefect.read_task_run(variant_run.parent_task_run_id).flow_run_id == UUID(grid_run)  # the grid's run
+        this_grid = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[grid_run]))
+        artifacts = {a.key: a for a in prefect.read_artifacts(artifact_filter=this_grid)}
+    assert artifacts["reviews-variations-mlflow"].data == f"[MLflow run of reviews-variations]({address})"
+    report = artifacts["reviews-variations-report"].data
+    assert f"- mlflow_run: `{address}`" in report
+    for key, file in (("leaderboard_chart", "leaderboard.png"), ("metric_by_setting", "metric_by_setting.png"),
+                      ("report", "report.html")):
+        assert f"- {key}: `{root / file}`" in report and (root / file).is_file()
 
 
 def test_the_run_and_grid_reports_pass_the_browser_check(tracked):
