@@ -38,7 +38,7 @@ from tasks.registry import register_task
 from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_leaderboard
 from tasks.stages import StageRecorder, result_storage
 from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
-from tasks.tracking import report_grid, start_grid_tracking
+from tasks.tracking import grid_ended_if_failed, report_grid, start_grid_tracking
 
 SAMPLE = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data" / "topics.csv"
 
@@ -65,29 +65,31 @@ def variations(params: VariationsParams) -> State:
     if stop.state:
         return stop.state
     variants = start_grid_tracking(params, variants)  # with MLflow: the grid's parent run
-    calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
-                                   return_state=True) for variant, plan in variants}
-    at_once = training_parallelism(params.gpu_concurrency_limit, max(plan.params.devices for _, plan in variants),
-                                   dispatched=should_dispatch(params.training_dispatch))
-    states = run_subflows(calls, at_once, stop_on_failure=False)
+    with grid_ended_if_failed(params, variants):  # the parent run is not left RUNNING if the grid raises
+        calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
+                                       return_state=True) for variant, plan in variants}
+        at_once = training_parallelism(params.gpu_concurrency_limit, max(plan.params.devices for _, plan in variants),
+                                       dispatched=should_dispatch(params.training_dispatch))
+        states = run_subflows(calls, at_once, stop_on_failure=False)
 
-    metric = rank_metric(params)
-    ranked = leaderboard([RunOutcome.of(variant.name, subflow_outcome(states.get(variant.name)), tuple(data.timings),
-                                        values=variant.values) for variant, _ in variants], metric)
-    best = best_variant(ranked)
-    plans = {variant.name: plan for variant, plan in variants}
-    version = register_best(plans[best.name], data, best) if best else None
+        metric = rank_metric(params)
+        ranked = leaderboard([RunOutcome.of(variant.name, subflow_outcome(states.get(variant.name)),
+                                            tuple(data.timings), values=variant.values)
+                              for variant, _ in variants], metric)
+        best = best_variant(ranked)
+        plans = {variant.name: plan for variant, plan in variants}
+        version = register_best(plans[best.name], data, best) if best else None
 
-    result = VariationsResult(
-        name=params.folder_name, dataset=base.name, metric=metric, leaderboard=ranked,
-        best=best.name if best else None, registry_name=version.name if version else None,
-        registry_version=version.version if version else None,
-        prepared={"data_dir": data.prepared.data_dir, "timings": data.timings, "cached": data.cached},
-        paths={"leaderboard": str(base.layout.root / "leaderboard.csv"),
-               "variations_result": str(base.layout.root / "variations_result.json")},
-    )
-    publish_leaderboard(result)
-    result = report_grid(params, base, variants, result)  # pictures, report.html, trackers
+        result = VariationsResult(
+            name=params.folder_name, dataset=base.name, metric=metric, leaderboard=ranked,
+            best=best.name if best else None, registry_name=version.name if version else None,
+            registry_version=version.version if version else None,
+            prepared={"data_dir": data.prepared.data_dir, "timings": data.timings, "cached": data.cached},
+            paths={"leaderboard": str(base.layout.root / "leaderboard.csv"),
+                   "variations_result": str(base.layout.root / "variations_result.json")},
+        )
+        publish_leaderboard(result)
+        result = report_grid(params, base, variants, result)  # pictures, report.html, trackers
     return first_cancelled(states.values()) or final_state(result, result.message, failed=not result.ok)
 
 

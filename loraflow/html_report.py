@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loraflow.layout import atomic_write_text, read_jsonl
-from loraflow.report import RunResult, gate_verdict, outcome_table, promotion_line, scalar_metrics
+from loraflow.report import RunResult, gate_verdict, outcome_table, promotion_line, scalar_metrics, verdict_word
 
 SAMPLE_ROWS = 25
 PICTURE_TITLES = {
@@ -33,7 +33,8 @@ h1 { font-size: 26px; margin: 0 0 4px; } h2 { font-size: 19px; margin: 30px 0 10
 .meta { color: #616161; margin: 0 0 14px; }
 .badge { display: inline-block; padding: 2px 10px; border-radius: 12px; font-weight: 600; font-size: 14px;
          vertical-align: middle; color: #fff; }
-.passed { background: #2e7d32; } .failed_gates, .FAIL { background: #ef6c00; } .error, .skipped { background: #757575; }
+.passed, .pass { background: #2e7d32; } .failed_gates, .FAIL { background: #ef6c00; } .error, .skipped { background: #757575; }
+.WARN { background: #fff3c4; color: #6d4c00; border: 1px solid #f9a825; }
 table { border-collapse: collapse; margin: 6px 0 12px; font-size: 14px; }
 th, td { border: 1px solid #e0e0e0; padding: 5px 10px; text-align: left; vertical-align: top; }
 th { background: #f5f5f5; font-weight: 600; }
@@ -117,7 +118,7 @@ def _gates(result: RunResult) -> str:
     if not result.gates:
         return "<p>No gates set.</p>"
     rows = [[escape(g.metric), f"{'&ge;' if g.higher_is_better else '&le;'} {g.threshold:g}", _fmt(g.value),
-             f'<span class="badge {"passed" if g.passed else "FAIL"}">{escape(gate_verdict(g))}</span>']
+             f'<span class="badge {verdict_word(g)}">{escape(gate_verdict(g))}</span>']
             for g in result.gates.values()]
     return _table(["gate", "threshold", "value", "verdict"], rows, numeric={2})
 

@@ -7,9 +7,10 @@
 - `<grid>/metric_by_setting.png` and `<grid>/leaderboard.png`: a variations grid's ranking metric
   against each varied setting, and its variants ranked.
 
-matplotlib is imported inside the functions, with its object-oriented API and the Agg canvas (files
-only: no display, no pyplot global state, so sibling subflows in threads may draw at once); importing
-loraflow never loads it. Each PNG carries a hash of what it was drawn from (a tEXt chunk); a picture
+Each picture is drawn by a `draw_*` function that returns its matplotlib Figure (what tests read:
+titles, labels, plotted data) and is saved apart. matplotlib is imported inside the functions, with
+its object-oriented API and the Agg canvas (files only: no display, no pyplot global state, so
+sibling subflows in threads may draw at once); importing loraflow never loads it. Each PNG carries a hash of what it was drawn from (a tEXt chunk); a picture
 whose inputs have not changed (a cached re-run) is kept as it is, and matplotlib is not even imported.
 """
 
@@ -98,6 +99,11 @@ def loss_curve(metrics_jsonl: str | Path, out: str | Path, name: str) -> Path | 
         return None
     if kept := _current(out, key):
         return kept
+    return _save(draw_loss_curve(history, name), out, key)
+
+
+def draw_loss_curve(history: dict[str, list[tuple[int, float]]], name: str):
+    """The loss curve's matplotlib Figure, from `training_history`'s points."""
     figure = _figure(7.5, 5.2)
     loss_axes, rate_axes = figure.subplots(2, 1, sharex=True, height_ratios=(3, 1.3))
     if history.get("loss"):
@@ -123,7 +129,7 @@ def loss_curve(metrics_jsonl: str | Path, out: str | Path, name: str) -> Path | 
     rate_axes.set_xlabel("optimiser step")
     rate_axes.set_ylim(bottom=0)
     rate_axes.grid(alpha=0.3)
-    return _save(figure, out, key)
+    return figure
 
 
 def _epoch_axis(axes, epochs: list[tuple[int, float]]) -> None:
@@ -147,6 +153,11 @@ def confusion_matrices(adapter: dict[str, Any], baseline: dict[str, Any] | None,
     key = inputs_key("confusion", name, panels)
     if kept := _current(out, key):
         return kept
+    return _save(draw_confusion_matrices(adapter, panels, name), out, key)
+
+
+def draw_confusion_matrices(adapter: dict[str, Any], panels: list[tuple[str, dict[str, Any]]], name: str):
+    """The confusion matrices' matplotlib Figure: one panel per `(title, metrics)`, on one colour scale."""
     labels = adapter.get("labels") or [str(i) for i in range(len(adapter["confusion_matrix"]))]
     size = len(labels)
     side = min(6.0, max(3.2, 0.55 * size + 1.8))
@@ -174,7 +185,7 @@ def confusion_matrices(adapter: dict[str, Any], baseline: dict[str, Any] | None,
     from matplotlib.ticker import MaxNLocator
 
     figure.colorbar(image, ax=list(axes_list), shrink=0.8, label="examples", ticks=MaxNLocator(integer=True))
-    return _save(figure, out, key)
+    return figure
 
 
 def _read_json(path: str | Path | None) -> dict[str, Any] | None:
@@ -201,16 +212,35 @@ def _value_text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def _metric_label(metric: str) -> str:
+    """An axis label for a test metric, with its unit where it has one."""
+    return f"{metric} (test split{', nats' if metric == 'eval_loss' else ''})"
+
+
+def _settings_and_scored(rows: list[dict[str, Any]], metric: str) -> tuple[list[str], list[dict[str, Any]]]:
+    settings = list(dict.fromkeys(key for row in rows for key in row["values"]))
+    return settings, [row for row in rows if isinstance(row["metrics"].get(metric), (int, float))]
+
+
 def metric_by_setting(rows: list[dict[str, Any]], metric: str, out: str | Path, name: str) -> Path | None:
     """One panel per varied setting: each variant's `metric` at its value of that setting, the best
     per value joined by a line. `rows`: `{"name", "status", "values": {...}, "metrics": {...}}`."""
-    settings = list(dict.fromkeys(key for row in rows for key in row["values"]))
-    scored = [row for row in rows if isinstance(row["metrics"].get(metric), (int, float))]
+    settings, scored = _settings_and_scored(rows, metric)
     if not settings or not scored:
         return None
     key = inputs_key("by-setting", name, metric, rows)
     if kept := _current(out, key):
         return kept
+    return _save(draw_metric_by_setting(rows, metric, name), out, key)
+
+
+def draw_metric_by_setting(rows: list[dict[str, Any]], metric: str, name: str):
+    """`metric_by_setting`'s matplotlib Figure (rows with at least one varied setting and one score).
+    "Best" is the metric's better way: the lowest eval_loss, the highest accuracy."""
+    from loraflow.metrics import HIGHER_IS_BETTER
+
+    settings, scored = _settings_and_scored(rows, metric)
+    better = max if HIGHER_IS_BETTER.get(metric, True) else min
     figure = _figure(max(4.2, 3.6 * len(settings)), 3.9)
     axes_list = figure.subplots(1, len(settings), squeeze=False, sharey=True)[0]
     for axes, setting in zip(axes_list, settings):
@@ -219,16 +249,16 @@ def metric_by_setting(rows: list[dict[str, Any]], metric: str, out: str | Path, 
         for row in scored:
             axes.scatter(position[row["values"].get(setting)], row["metrics"][metric], s=46, zorder=3,
                          color=STATUS_COLOUR.get(row["status"], BROKEN), edgecolor="white", linewidth=0.8)
-        best = [max(r["metrics"][metric] for r in scored if r["values"].get(setting) == v) for v in values]
+        best = [better(r["metrics"][metric] for r in scored if r["values"].get(setting) == v) for v in values]
         axes.plot(range(len(values)), best, color="#424242", linewidth=1, alpha=0.6, zorder=2, label="best at value")
         axes.set_xticks(range(len(values)), [_value_text(v) for v in values])
         axes.set_xlim(-0.5, len(values) - 0.5)
         axes.set_xlabel(setting)
         axes.grid(alpha=0.3)
-    axes_list[0].set_ylabel(f"{metric} (test split)")
+    axes_list[0].set_ylabel(_metric_label(metric))
     _status_legend(figure, {row["status"] for row in scored})
     figure.suptitle(f"{name}: {metric} against each varied setting", fontsize=12)
-    return _save(figure, out, key)
+    return figure
 
 
 def _status_legend(figure, statuses: set[str]) -> None:
@@ -249,6 +279,12 @@ def leaderboard_chart(rows: list[dict[str, Any]], metric: str, out: str | Path, 
     key = inputs_key("leaderboard", name, metric, rows, baseline, threshold)
     if kept := _current(out, key):
         return kept
+    return _save(draw_leaderboard_chart(rows, metric, name, baseline, threshold), out, key)
+
+
+def draw_leaderboard_chart(rows: list[dict[str, Any]], metric: str, name: str, baseline: float | None = None,
+                           threshold: float | None = None):
+    """`leaderboard_chart`'s matplotlib Figure (at least one row)."""
     figure = _figure(9.0, 1.5 + 0.42 * len(rows))
     axes = figure.subplots()
     labels = [row["name"] for row in rows][::-1]
@@ -271,10 +307,10 @@ def leaderboard_chart(rows: list[dict[str, Any]], metric: str, out: str | Path, 
     axes.legend(handles=[*handles, *axes.get_legend_handles_labels()[0]], loc="center left", bbox_to_anchor=(1.01, 0.5),
                 fontsize=8, frameon=False)
     axes.set_xlim(0, max([*usable, baseline or 0, threshold or 0, 1e-9]) * 1.18)
-    axes.set_xlabel(f"{metric} (test split)")
+    axes.set_xlabel(_metric_label(metric))
     axes.set_title(f"{name}: variants ranked by {metric}", fontsize=12, loc="left")
     axes.grid(axis="x", alpha=0.3)
-    return _save(figure, out, key)
+    return figure
 
 
 def grid_pictures(grid_root: str | Path, name: str, rows: list[dict[str, Any]], metric: str,

@@ -64,10 +64,16 @@ def gate_line(gate: GateVerdict) -> str:
     return f"{gate.metric} {_fmt(gate.value)} {comparison} {gate.threshold} {gate_verdict(gate)}"
 
 
+def verdict_word(gate: GateVerdict) -> str:
+    """`pass`, `FAIL` (a failed critical gate: it fails the run) or `WARN` (a failed warning gate)."""
+    return "pass" if gate.passed else ("FAIL" if gate.severity == "critical" else "WARN")
+
+
 def gate_verdict(gate: GateVerdict, strong: str = "") -> str:
     """`pass`, `FAIL` or `WARN` (a failed warning gate), with the severity and profile where they are
     not the inline critical default: `WARN (warning, profile staging)`. `strong` wraps a FAIL (`**`)."""
-    verdict = "pass" if gate.passed else (f"{strong}FAIL{strong}" if gate.severity == "critical" else "WARN")
+    word = verdict_word(gate)
+    verdict = f"{strong}{word}{strong}" if word == "FAIL" else word
     notes = [gate.severity] if gate.severity != "critical" else []
     notes += [f"profile {gate.profile}"] if gate.profile else []
     return f"{verdict} ({', '.join(notes)})" if notes else verdict

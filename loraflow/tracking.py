@@ -37,7 +37,7 @@ from pydantic import BaseModel, Field
 from loraflow.errors import ConfigError
 
 TRACKERS = ("tensorboard", "mlflow")
-INSTALL_HINT = "pip install 'loraflow[tracking]'"
+INSTALL_HINT = "pip install -e '.[tracking]'"
 PREFECT_FLOW_RUN_TAG = "prefect.flow_run_id"
 HEALTH_TIMEOUT_S = 5.0
 Log = Callable[[str], None]
@@ -174,11 +174,20 @@ class RunRecord(BaseModel):
 
 
 def log_mlflow_run(uri: str, run_id: str, record: RunRecord, finish: bool = True) -> None:
-    """Params, final metrics, tags and artifacts into an existing run; then mark it finished."""
+    """Params, final metrics, tags and artifacts into an existing run; then mark it finished, even
+    when logging them raised (the training did finish: what is missing is the caller's warning)."""
+    client = _client(uri)
+    try:
+        _log_record(client, run_id, record)
+    finally:
+        if finish:
+            client.set_terminated(run_id, "FINISHED")
+
+
+def _log_record(client, run_id: str, record: RunRecord) -> None:
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
 
-    client = _client(uri)
     now = int(time.time() * 1000)
     params = [Param(key, value[:MAX_PARAM_VAL_LENGTH]) for key, value in record.params.items()]
     for start in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
@@ -195,8 +204,6 @@ def log_mlflow_run(uri: str, run_id: str, record: RunRecord, finish: bool = True
             client.log_artifacts(run_id, path, folder)
         elif Path(path).is_file():
             client.log_artifact(run_id, path, folder)
-    if finish:
-        client.set_terminated(run_id, "FINISHED")
 
 
 def end_mlflow_run(uri: str, run_id: str, status: str) -> None:
@@ -270,6 +277,8 @@ def final_metrics(result) -> dict[str, float]:
 
 def run_record(result, resolved_config: dict[str, Any], pictures: dict[str, str], report: str | None) -> RunRecord:
     """A trained and evaluated run, as MLflow records it."""
+    from loraflow.report import gate_verdict
+
     manifest = result.paths.get("manifest")
     params = {f"config.{key}": json.dumps(value) if isinstance(value, (list, dict)) else str(value)
               for key, value in flatten(resolved_config).items()}
@@ -279,8 +288,7 @@ def run_record(result, resolved_config: dict[str, Any], pictures: dict[str, str]
         "loraflow.model": result.model,
         "loraflow.dataset_fingerprint": str(resolved_config.get("dataset_fingerprint", "")),
         "loraflow.config_fingerprint": str(resolved_config.get("fingerprint", "")),
-        "loraflow.gates": "; ".join(f"{g.metric} {'pass' if g.passed else 'FAIL'}" for g in result.gates.values())
-                          or "none set",
+        "loraflow.gates": "; ".join(f"{g.metric} {gate_verdict(g)}" for g in result.gates.values()) or "none set",
         "loraflow.adapter_path": result.adapter_path,
         "loraflow.result_path": result.paths.get("result", ""),
     }

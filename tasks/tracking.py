@@ -76,18 +76,31 @@ def _open_mlflow_run(params: RunSettings, experiment: str, run_name: str, parent
 
 
 @contextmanager
-def ended_if_failed(request: TrainRequest) -> Iterator[None]:
-    """The run's MLflow run ends FAILED when what follows raises (KILLED when training was stopped on
-    request), instead of staying RUNNING in MLflow for ever."""
+def _mlflow_run_ended_if_failed(uri: str | None, run_id: str | None) -> Iterator[None]:
+    """The MLflow run ends FAILED when what follows raises (KILLED when training was stopped on
+    request), instead of staying RUNNING in MLflow for ever. Without a run, nothing to end."""
     try:
         yield
     except BaseException as error:
-        tracking = request.tracking
-        if tracking is not None and tracking.mlflow_run_id and tracking.mlflow_tracking_uri:
+        if uri and run_id:
             status = "KILLED" if isinstance(error, TrainingStopped) else "FAILED"
-            safely("ending the MLflow run", get_run_logger().warning,
-                   lambda: end_mlflow_run(tracking.mlflow_tracking_uri, tracking.mlflow_run_id, status))
+            safely("ending the MLflow run", get_run_logger().warning, lambda: end_mlflow_run(uri, run_id, status))
         raise
+
+
+def ended_if_failed(request: TrainRequest):
+    """A training run's MLflow run, ended when its training, evaluation or reporting raises."""
+    tracking = request.tracking
+    return _mlflow_run_ended_if_failed(tracking and tracking.mlflow_tracking_uri, tracking and tracking.mlflow_run_id)
+
+
+def grid_ended_if_failed(params: VariationsParams, variants: list[tuple[Variant, RunPlan]]):
+    """A variations grid's parent MLflow run (from `start_grid_tracking`), ended when the grid raises
+    before `report_grid` finishes it."""
+    parent = variants[0][1].tracking_parent if variants else None
+    run_id = parent.mlflow_run_id if parent else None
+    return _mlflow_run_ended_if_failed(mlflow_uri(params.mlflow_tracking_uri, params.output_dir) if run_id else None,
+                                       run_id)
 
 
 def start_tracking(plan: RunPlan, request: TrainRequest) -> TrainRequest:

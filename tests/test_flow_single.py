@@ -76,6 +76,10 @@ def test_classification_trains_evaluates_and_registers(first_and_second_run):
     for sub in ("data/manifest.json", "data/rejects.jsonl", "config/resolved.yaml", "eval/metrics.json",
                 "eval/baseline.json", "samples/predictions.jsonl", "logs/metrics.jsonl"):
         assert (root / sub).is_file(), sub
+    pictures = {key: on_disk["paths"].get(key) for key in ("loss_curve", "confusion_matrix")}
+    assert pictures == {"loss_curve": str(root / "logs" / "loss.png"),  # drawn without any tracker asked for
+                        "confusion_matrix": str(root / "eval" / "confusion_matrix.png")}
+    assert all(Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pictures.values())
     predictions = [json.loads(line) for line in (root / "samples/predictions.jsonl").read_text().splitlines()]
     assert predictions and all(p["predicted"] in EASY_LABELS for p in predictions)
     assert set(on_disk["timings"]) == {"prepare", "tokenize", "train", "evaluate", "baseline", "samples", "register"}

@@ -5,6 +5,7 @@ pictures and report.html of each run and of the grid; and a tracker in trouble n
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -13,6 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from uuid import UUID
 
 import pytest
 import yaml
@@ -207,6 +209,25 @@ def test_a_variations_grid_is_a_parent_mlflow_run_with_a_child_run_per_variant(t
     assert grid.paths["metric_by_setting"] == str(root / "metric_by_setting.png")
     assert "leaderboard.png" in artifact_names(uri, parent.info.run_id, "pictures/leaderboard_chart")
 
+    # Prefect links the parent run and the grid's pictures and report (the server holds every test's: this grid's)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    address = f"{uri}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}"
+    assert grid.paths["mlflow_run"] == address
+    grid_run = parent.data.tags[PREFECT_FLOW_RUN_TAG]
+    with get_client(sync_client=True) as prefect:
+        variant_run = prefect.read_flow_run(next(iter(children.values())).data.tags[PREFECT_FLOW_RUN_TAG])
+        assert prefect.read_task_run(variant_run.parent_task_run_id).flow_run_id == UUID(grid_run)  # the grid's run
+        this_grid = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[grid_run]))
+        artifacts = {a.key: a for a in prefect.read_artifacts(artifact_filter=this_grid)}
+    assert artifacts["reviews-variations-mlflow"].data == f"[MLflow run of reviews-variations]({address})"
+    report = artifacts["reviews-variations-report"].data
+    assert f"- mlflow_run: `{address}`" in report
+    for key, file in (("leaderboard_chart", "leaderboard.png"), ("metric_by_setting", "metric_by_setting.png"),
+                      ("report", "report.html")):
+        assert f"- {key}: `{root / file}`" in report and (root / file).is_file()
+
 
 def test_the_run_and_grid_reports_pass_the_browser_check(tracked):
     if browser.CHROMIUM is None:
@@ -218,11 +239,16 @@ def test_the_run_and_grid_reports_pass_the_browser_check(tracked):
         assert len(page["facts"]["images"]) == images and all(i["width"] > 0 for i in page["facts"]["images"])
 
 
-def test_a_tracking_server_gone_after_the_check_is_a_warning_and_the_run_goes_on(prefect_server, tmp_path):
+def test_a_tracking_server_gone_after_the_check_is_a_warning_and_the_run_goes_on(prefect_server, tmp_path, caplog,
+                                                                                  monkeypatch):
     from prefect.logging import disable_run_logger
 
+    import tasks.tracking
     from tasks.tracking import report_run, start_tracking_task
 
+    logger = logging.getLogger("loraflow.test.tracking")  # what the tasks' run logger says, for caplog to read
+    monkeypatch.setattr(tasks.tracking, "get_run_logger", lambda: logger)
+    caplog.set_level(logging.WARNING, logger=logger.name)
     dead = f"http://127.0.0.1:{closed_port()}"
     params = SingleParams(dataset={"path": str(tmp_path / "d.csv")}, output_dir=str(tmp_path), mlflow_tracking_uri=dead,
                           **TRACKED)
@@ -236,6 +262,13 @@ def test_a_tracking_server_gone_after_the_check_is_a_warning_and_the_run_goes_on
         gone = TrackingRequest(run_name="reviews", report_to=["mlflow"], mlflow_tracking_uri=dead, mlflow_run_id="0" * 32)
         reported = report_run.fn(request.model_copy(update={"tracking": gone}), result)
     assert Path(reported.paths["report"]).is_file() and Path(reported.paths["loss_curve"]).is_file()
+    warnings = [(record.levelno, record.getMessage()) for record in caplog.records if record.name == logger.name]
+    unreachable = f"MLflow: cannot reach the MLflow tracking server at {dead} ("
+    assert [level for level, _ in warnings] == [logging.WARNING, logging.WARNING]
+    (_, at_start), (_, at_report) = warnings
+    assert at_start.startswith(unreachable) and at_start.endswith("; reviews goes on without MLflow")
+    assert at_report.startswith(unreachable) and at_report.endswith("; the results stay in the run's folder only")
+    assert all("\n" not in message for _, message in warnings)  # one line each
 
 
 def test_in_a_two_process_training_only_rank_0_reports_to_the_trackers(mlflow_server, tmp_path, tiny_llama,

@@ -14,12 +14,27 @@ import pytest
 
 from loraflow.config import SingleParams
 from loraflow.errors import ConfigError
-from loraflow.gates import check_gates
+from loraflow.gates import Gate, check_gates
 from loraflow.html_report import write_grid_report, write_run_report
 from loraflow.layout import atomic_write_json, atomic_write_jsonl
-from loraflow.pictures import grid_pictures, run_pictures, training_history
+from loraflow.pictures import (
+    draw_confusion_matrices,
+    draw_leaderboard_chart,
+    draw_loss_curve,
+    draw_metric_by_setting,
+    grid_pictures,
+    run_pictures,
+    training_history,
+)
 from loraflow.report import RunOutcome, RunResult, summary_markdown
-from loraflow.tracking import TrackingRequest, check_trackers, mlflow_uri, unreachable, write_tensorboard
+from loraflow.tracking import (
+    TrackingRequest,
+    check_trackers,
+    mlflow_uri,
+    run_record,
+    unreachable,
+    write_tensorboard,
+)
 from loraflow.train.reporting import _guard, report_to
 from loraflow.variations import VariationsResult
 from tests import browser
@@ -43,6 +58,40 @@ def test_an_unreachable_tracking_server_fails_the_parameter_check_in_one_line(tm
     assert uri in message
     check_trackers(["tensorboard"], uri, tmp_path)  # TensorBoard needs no server
     check_trackers(["mlflow"], "sqlite:///" + str(tmp_path / "m.db"), tmp_path)  # a local store is always there
+
+
+def tracked_params(tmp_path: Path, **changes) -> SingleParams:
+    """A run asking for MLflow; all-linear LoRA targets spare the plan building the model to check them."""
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\nhello,a\nbye,b\n")
+    return SingleParams(dataset={"path": str(data)}, output_dir=str(tmp_path / "out"), tracking=["mlflow"],
+                        overrides={"lora.target_modules": "all-linear"}, **changes)
+
+
+def test_the_plan_fails_in_one_line_on_an_unreachable_tracking_server_before_any_work(tmp_path):
+    from loraflow.plan import plan_run
+
+    uri = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(ConfigError) as error:
+        plan_run(tracked_params(tmp_path, mlflow_tracking_uri=uri))
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"mlflow_tracking_uri: cannot reach the MLflow tracking "
+                                                       f"server at {uri}")
+
+
+def test_the_plan_says_how_to_install_a_tracker_that_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    from loraflow.plan import plan_run
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "mlflow" else
+                        find_spec(name, *args))
+    with pytest.raises(ConfigError) as error:
+        plan_run(tracked_params(tmp_path))
+    assert str(error.value) == "tracking: mlflow is not installed; pip install -e '.[tracking]'"  # as the README says
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    assert "pip install -e '.[tracking]'" in readme
 
 
 def test_mlflow_uri_is_the_parameter_then_the_environment_then_a_store_under_the_output(tmp_path, monkeypatch):
@@ -157,6 +206,62 @@ def test_pictures_whose_inputs_did_not_change_are_kept_without_loading_matplotli
     assert Path(first["confusion_matrix"]).stat().st_mtime_ns == drawn["confusion_matrix"]
 
 
+def texts(items) -> list[str]:
+    return [item.get_text() for item in items]
+
+
+def test_each_picture_says_what_it_shows_in_its_title_axis_labels_and_units(tmp_path):
+    result = fake_run(tmp_path)
+    loss = draw_loss_curve(training_history(tmp_path / "logs" / "metrics.jsonl"), "reviews")
+    assert loss.get_suptitle() == "reviews: loss and learning rate during training"
+    loss_axes, rate_axes = loss.axes
+    assert loss_axes.get_ylabel() == "loss (cross-entropy, nats)"
+    assert texts(loss_axes.get_legend().get_texts()) == ["training loss", "validation loss"]
+    assert [axes.get_xlabel() for axes in loss_axes.child_axes] == ["epoch"]  # along the top
+    assert (rate_axes.get_xlabel(), rate_axes.get_ylabel()) == ("optimiser step", "learning rate")
+
+    confusion = draw_confusion_matrices(result.metrics, [("base model, no adapter", result.baseline),
+                                                         ("with the adapter", result.metrics)], "reviews")
+    assert confusion.get_suptitle() == "reviews: confusion matrix on the test split (20 examples)"
+    *panels, scale = confusion.axes
+    assert [axes.get_title() for axes in panels] == ["base model, no adapter\naccuracy 50.0%",
+                                                     "with the adapter\naccuracy 90.0%"]
+    assert {(axes.get_xlabel(), axes.get_ylabel()) for axes in panels} == {("predicted label", "true label")}
+    assert texts(panels[0].get_xticklabels()) == LABELS == texts(panels[0].get_yticklabels())
+    assert scale.get_ylabel() == "examples"  # the colour bar counts test examples
+
+    rows = [o.model_dump() for o in grid_result(tmp_path).leaderboard]
+    by_setting = draw_metric_by_setting(rows, "accuracy", "v-variations")
+    assert by_setting.get_suptitle() == "v-variations: accuracy against each varied setting"
+    assert [axes.get_xlabel() for axes in by_setting.axes] == ["learning_rate", "lora.r"]
+    assert by_setting.axes[0].get_ylabel() == "accuracy (test split)"
+    assert texts(by_setting.axes[0].get_xticklabels()) == ["0.001", "0.01"]
+    assert "best at each value" in texts(by_setting.legends[0].get_texts())
+    chart = draw_leaderboard_chart(rows, "accuracy", "v-variations", baseline=0.5, threshold=0.8)
+    [axes] = chart.axes
+    assert axes.get_title(loc="left") == "v-variations: variants ranked by accuracy"
+    assert axes.get_xlabel() == "accuracy (test split)"
+    assert texts(axes.get_yticklabels()) == ["v-lr0.001", "v-lr0.01"]  # bottom up: the best on top
+    assert {"base model 0.5000", "gate 0.8"} <= set(texts(axes.get_legend().get_texts()))
+
+
+def best_line(figure) -> list[list[float]]:
+    """The "best at each value" line of each panel of a metric-by-setting picture."""
+    return [list(axes.lines[0].get_ydata()) for axes in figure.axes]
+
+
+def test_the_grid_picture_joins_the_better_value_of_each_setting_lower_for_a_loss():
+    rows = [{"name": f"v{lr}-{r}", "status": "passed", "values": {"learning_rate": lr, "lora.r": r},
+             "metrics": {"eval_loss": loss, "accuracy": accuracy}}
+            for lr, r, loss, accuracy in ((0.001, 4, 2.0, 0.6), (0.001, 8, 1.5, 0.7), (0.01, 4, 1.0, 0.9),
+                                          (0.01, 8, 3.0, 0.4))]
+    by_loss = draw_metric_by_setting(rows, "eval_loss", "lm-variations")
+    assert best_line(by_loss) == [[1.5, 1.0], [1.0, 1.5]]  # the lowest loss at each learning rate, at each rank
+    assert by_loss.axes[0].get_ylabel() == "eval_loss (test split, nats)"
+    by_accuracy = draw_metric_by_setting(rows, "accuracy", "lm-variations")
+    assert best_line(by_accuracy) == [[0.7, 0.9], [0.9, 0.7]]  # the highest accuracy
+
+
 def test_a_run_without_logged_steps_or_classes_draws_nothing(tmp_path):
     atomic_write_json(tmp_path / "eval" / "metrics.json", {"eval_loss": 2.0, "perplexity": 7.4})
     assert run_pictures(tmp_path, "lm") == {}
@@ -226,6 +331,17 @@ def test_the_summary_artifact_links_the_report_and_pictures(tmp_path):
     assert "MLflow run: [http://h:5000/#/runs/1](http://h:5000/#/runs/1)" in markdown
 
 
+def test_a_failed_warning_gate_reads_warn_in_the_mlflow_tag_and_the_report_not_fail(tmp_path):
+    result = fake_run(tmp_path)
+    gates = check_gates(result.metrics, {"accuracy": 0.8, "f1_macro": Gate(threshold=0.95, severity="warning")})
+    result = result.model_copy(update={"gates": {verdict.metric: verdict for verdict in gates}})
+    tag = run_record(result, {}, {}, None).tags["loraflow.gates"]
+    assert tag == "accuracy pass; f1_macro WARN (warning)"  # f1_macro 0.89 < 0.95: a warning, the run passed
+    html = write_run_report(result, {}, {}, tmp_path / "report.html").read_text()
+    assert '<span class="badge WARN">WARN (warning)</span>' in html and '<span class="badge pass">pass</span>' in html
+    assert ".WARN {" in html  # a style of its own, not the orange of a failed critical gate
+
+
 def test_tensorboard_gets_final_metrics_and_pictures_without_torch(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -246,15 +362,21 @@ def test_importing_the_flows_loads_neither_mlflow_nor_matplotlib_nor_tensorboard
 
 
 def test_an_mlflow_run_whose_training_broke_is_ended_failed_or_killed_not_left_running(tmp_path):
+    """Nor a run whose results could not all be logged, nor a grid's parent run when the grid broke."""
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
     from prefect.logging import disable_run_logger
 
+    from loraflow.config import VariationsParams
     from loraflow.errors import TrainingStopped
-    from loraflow.tracking import start_mlflow_run
-    from tasks.tracking import ended_if_failed
+    from loraflow.grid import Variant
+    from loraflow.plan import RunPlan
+    from loraflow.tracking import RunRecord, TrackingParent, log_mlflow_run, start_mlflow_run
+    from tasks.tracking import ended_if_failed, grid_ended_if_failed
     from tests.test_train import request_for
 
     uri = mlflow_uri(None, str(tmp_path))
+    status = lambda run_id: MlflowClient(tracking_uri=uri).get_run(run_id).info.status  # noqa: E731
     statuses = {}
     for error in (RuntimeError("the training broke"), TrainingStopped("training stopped on request at step 3")):
         run_id, _ = start_mlflow_run(uri, tmp_path, "failures", type(error).__name__, tags={})
@@ -262,5 +384,20 @@ def test_an_mlflow_run_whose_training_broke_is_ended_failed_or_killed_not_left_r
             run_name="x", report_to=["mlflow"], mlflow_tracking_uri=uri, mlflow_run_id=run_id)})
         with disable_run_logger(), pytest.raises(type(error)), ended_if_failed(request):
             raise error
-        statuses[type(error).__name__] = MlflowClient(tracking_uri=uri).get_run(run_id).info.status
+        statuses[type(error).__name__] = status(run_id)
     assert statuses == {"RuntimeError": "FAILED", "TrainingStopped": "KILLED"}
+
+    run_id, _ = start_mlflow_run(uri, tmp_path, "failures", "half-logged", tags={})
+    with pytest.raises(MlflowException):  # the caller's `safely` makes this a warning
+        log_mlflow_run(uri, run_id, RunRecord(params={"not/../a name": "x"}))
+    assert status(run_id) == "FINISHED"  # the training finished; only some of its results are missing
+
+    parent_id, _ = start_mlflow_run(uri, tmp_path, "grid", "grid", tags={})
+    params = VariationsParams(dataset={"path": "d.csv"}, grid={"learning_rate": [0.1, 0.2]}, output_dir=str(tmp_path),
+                              mlflow_tracking_uri=uri, tracking=["mlflow"])
+    plan = RunPlan(params=params, name="v", model_path="/m", model_identity="m", root=str(tmp_path / "v"),
+                   tracking_parent=TrackingParent(experiment="grid", mlflow_run_id=parent_id))
+    with disable_run_logger(), pytest.raises(RuntimeError), grid_ended_if_failed(
+            params, [(Variant(index=1, name="v", values={}, overrides={}), plan)]):
+        raise RuntimeError("registering the best variant broke")
+    assert status(parent_id) == "FAILED"
