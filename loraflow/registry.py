@@ -410,6 +410,8 @@ def show_text(index: RegistryIndex, version: RegistryVersion) -> str:
         if verdict.promotion is not None:
             lines.append(f"    {verdict.promotion.alias}: {'promoted' if verdict.promotion.promote else 'not promoted'}"
                          f" ({verdict.promotion.rule}): {verdict.promotion.reason}")
+            if verdict.promotion.comparison:  # base, champion, candidate and delta, as the run's summary showed them
+                lines.extend(f"      {row}" for row in verdict.promotion.table().splitlines())
     for alias, moves in index.alias_moves.items():
         for move in moves:
             if move.version == version.version:

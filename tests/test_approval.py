@@ -67,6 +67,9 @@ def test_the_registry_records_the_answer_and_moves_the_alias_in_one_write(tmp_pa
     index = registry.index("tickets")
     assert move is None and index.aliases["production"] == 1
     assert index.get(2).decision.reason == "gates passed; rejected" and not index.get(2).decision.promote
+    shown = registry.describe("show", "tickets", "2")  # `python flows/registry.py show tickets 2`
+    assert "production: not promoted (passes): gates passed; rejected" in shown
+    assert "| metric | base | champion v1 | candidate | delta |" in shown and "| accuracy | - | - | 0.9500 | - |" in shown
 
 
 def test_a_gate_profile_can_ask_for_approval(tmp_path):
