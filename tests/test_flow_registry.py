@@ -54,24 +54,41 @@ def test_a_change_of_lora_settings_keeps_the_baseline(prefect_server, tmp_path):
     assert result.baseline == first.result().baseline
 
 
-def test_a_worse_second_run_is_registered_but_does_not_take_production(prefect_server, tmp_path):
-    first = single(classification_params(tmp_path), return_state=True)
-    assert first.is_completed(), first.message
+def test_a_better_run_takes_production_and_a_worse_one_is_registered_but_does_not(prefect_server, tmp_path):
+    from loraflow.report import summary_markdown
+
     gates_file = tmp_path / "gates.yaml"
     gates_file.write_text("profiles:\n  staging:\n    accuracy: 0.0\n"
                           "    f1_macro: {threshold: 0.99, severity: warning}\n")
-    barely_trained = classification_params(tmp_path, gates={}, gates_file=str(gates_file), gate_profile="staging",
-                                           overrides={**ONE_EPOCH, "learning_rate": 1e-7})
-    second = single(barely_trained, return_state=True)
+
+    def barely_trained(**changes):
+        return classification_params(tmp_path, gates={}, gates_file=str(gates_file), gate_profile="staging",
+                                     overrides={**ONE_EPOCH, "learning_rate": 1e-7}, **changes)
+
+    weak = single(barely_trained(seed=7), return_state=True)
+    assert weak.is_completed(), weak.message
+    assert weak.result().promotion.promote, "no production version yet: the first passing run takes it"
+    first = single(classification_params(tmp_path), return_state=True)
+    assert first.is_completed(), first.message
+    better = first.result()
+    assert better.registry_version == 2 and better.promotion.promote and better.promotion.champion == 1
+    assert better.promotion.reason.startswith("better than production v1: accuracy +")
+    assert Registry(tmp_path / "runs" / "registry").index("reviews").aliases["production"] == 2
+    side_by_side = f"| accuracy | {better.baseline['accuracy']:.4f} | {weak.result().metrics['accuracy']:.4f} | " \
+                   f"{better.metrics['accuracy']:.4f} |"
+    assert "| metric | base | champion v1 | candidate | delta |" in summary_markdown(better)
+    assert side_by_side in summary_markdown(better)
+
+    second = single(barely_trained(), return_state=True)
     assert second.is_completed(), second.message  # the failed warning gate does not fail the run
     result = second.result()
-    assert (result.registry_version, Registry(barely_trained.registry_root).index("reviews").aliases["production"]) \
-        == (2, 1)
-    assert not result.promotion.promote and result.promotion.champion == 1
+    assert (result.registry_version, Registry(tmp_path / "runs" / "registry").index("reviews").aliases["production"]) \
+        == (3, 2)
+    assert not result.promotion.promote and result.promotion.champion == 2
     assert result.cached["champion"] is False  # production's adapter was evaluated on this run's own test split
     assert json.loads((Path(result.paths["result"]).parent / "eval" / "champion.json").read_text())["accuracy"] \
         == result.promotion.comparison[0].champion
-    assert result.promotion.reason.startswith("not better than production v1 by 0.0: accuracy -")
+    assert result.promotion.reason.startswith("not better than production v2 by 0.0: accuracy -")
     row = result.promotion.comparison[0]
     assert (row.metric, row.champion, row.candidate) == ("accuracy", first.result().metrics["accuracy"],
                                                          result.metrics["accuracy"])
