@@ -7,7 +7,7 @@ against the same core code in one process and against `datasets.Dataset.map`.
 
 Each variant reads the same generated CSV of short labelled sentences and tokenises it with
 the bundled MiniLM tokenizer at the classification preset's max_length:
-- `one process`: `prepare_dataset`, then `tokenize_shard` over `plan_shards`, in a loop (the
+- `one process`: `prepare_dataset`, then `tokenize_shard` over `split_into_shards`, in a loop (the
   fast tokenizer's Rust encoder runs its batches on every core by itself);
 - `one process, 1 tokenizer thread`: the same with `TOKENIZERS_PARALLELISM=false`, the
   one-core reference that shows how much of the machine the plain process already uses;

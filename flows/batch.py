@@ -23,8 +23,8 @@ from flows.single import single
 from loraflow.batch import BatchResult, dataset_runs
 from loraflow.config import BatchParams
 from loraflow.report import RunOutcome
-from tasks.plans import plan_batch
-from tasks.reporting import final_state, first_cancelled, plan_state, publish_batch
+from tasks.dry_run import dry_run_batch
+from tasks.reporting import dry_run_state, final_state, first_cancelled, publish_batch
 from tasks.subflows import run_subflows, subflow_outcome
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data"
@@ -50,7 +50,7 @@ def batch(params: BatchParams) -> State:
     runs = dataset_runs(params)
     folder = Path(params.output_dir).resolve() / params.name
     if params.plan_only:
-        return plan_state(plan_batch(params, runs, folder))
+        return dry_run_state(dry_run_batch(params, runs, folder))
 
     calls = {run.dataset.resolved_name: partial(single.with_options(flow_run_name=run.dataset.resolved_name),
                                                 run, return_state=True) for run in runs}

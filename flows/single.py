@@ -28,9 +28,9 @@ from loraflow.plan import PreparedData, RunPlan, plan_run, write_resolved_config
 from loraflow.registry import PROMOTED_ALIAS
 from loraflow.report import RunResult, failure_message, write_result
 from tasks.approval import await_approval
+from tasks.dry_run import dry_run_single
 from tasks.interrupts import hold_run_folder
-from tasks.plans import plan_single
-from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_summary
+from tasks.reporting import cancelled_when_stopped, dry_run_state, final_state, first_cancelled, publish_summary
 from tasks.stage_tasks import run_stages
 from tasks.stages import StageRecorder, result_storage
 from tasks.tracking import ended_if_failed, report_run, start_tracking
@@ -46,7 +46,7 @@ def demo_params(output_dir: str = "runs") -> SingleParams:
 def single(params: SingleParams) -> State:
     plan = plan_run(params)
     if params.plan_only:
-        return plan_state(plan_single(plan))
+        return dry_run_state(dry_run_single(plan))
     with cancelled_when_stopped() as stop:
         data = prepare_data(plan)
         trained = train_evaluate.with_options(flow_run_name=plan.name)(plan, data, return_state=True)

@@ -33,9 +33,9 @@ from loraflow.variations import (
     variant_plans,
 )
 from tasks.dispatch import should_dispatch
-from tasks.plans import plan_variations
+from tasks.dry_run import dry_run_variations
 from tasks.registry import register_task
-from tasks.reporting import cancelled_when_stopped, final_state, first_cancelled, plan_state, publish_leaderboard
+from tasks.reporting import cancelled_when_stopped, dry_run_state, final_state, first_cancelled, publish_leaderboard
 from tasks.stages import StageRecorder, result_storage
 from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
 from tasks.tracking import grid_ended_if_failed, report_grid, start_grid_tracking
@@ -58,7 +58,7 @@ def demo_params(output_dir: str = "runs") -> VariationsParams:
 def variations(params: VariationsParams) -> State:
     base, variants = variant_plans(params)
     if params.plan_only:
-        return plan_state(plan_variations(params, base, variants))
+        return dry_run_state(dry_run_variations(params, base, variants))
 
     with cancelled_when_stopped() as stop:
         data = prepare_data(base, {plan.settings.max_length for _, plan in variants})

@@ -6,7 +6,7 @@ training on one dataset) and `TRAINING_STAGES` (train, evaluate, samples, regist
 grid variant). Three walkers read the same lists, so they cannot drift apart:
 
 - the flows run each stage as its Prefect task, cached under the stage's key (`tasks/stages.py`);
-- the plan asks Prefect's result store for each stage's key and trains nothing (`tasks/plans.py`);
+- the plan asks Prefect's result store for each stage's key and trains nothing (`tasks/dry_run.py`);
 - the benchmarks' plain pipeline calls each stage's core function directly (`run_plain`).
 
 A new stage is one `Stage` in a list plus its core function; the walkers need no edit.
@@ -25,9 +25,9 @@ from loraflow.data.prepare import PreparedDataset, prepare_dataset, source_finge
 from loraflow.data.tokenize import (
     Shard,
     collect_rejects,
-    plan_shards,
     shard_file_name,
     shard_paths_by_split,
+    split_into_shards,
     tokenize_shard,
 )
 from loraflow.devices import lease_devices
@@ -61,7 +61,7 @@ class Stage:
     does not apply to this run, e.g. a grid variant registers nothing); `cache_key(arguments)` is
     what an identical re-run is served from cache by; the result is kept in the run as `output`.
     `predict(arguments)`, where given, is the output known without running (shard paths are content
-    hashes), so a plan can look later stages up before this one ran. `plan_keys(arguments)` gives
+    hashes), so a plan can look later stages up before this one ran. `dry_run_keys(arguments)` gives
     the keys a plan checks, by the label it reports (one stage, several lengths or shards).
     """
 
@@ -71,11 +71,11 @@ class Stage:
     function: Callable[..., Any]
     cache_key: Callable[[dict[str, Any]], str]
     predict: Callable[[dict[str, Any]], Any] | None = None
-    plan_keys: Callable[[dict[str, Any]], dict[str, list[str]]] | None = None
+    dry_run_keys: Callable[[dict[str, Any]], dict[str, list[str]]] | None = None
     skipped: str | None = None  # what a plan says when `arguments` is None (None: it leaves the stage out)
 
     def keys_to_check(self, arguments: dict[str, Any]) -> dict[str, list[str]]:
-        return self.plan_keys(arguments) if self.plan_keys else {self.name: [self.cache_key(arguments)]}
+        return self.dry_run_keys(arguments) if self.dry_run_keys else {self.name: [self.cache_key(arguments)]}
 
 
 def fingerprint_key(stage: str, *parts: Any) -> str:
@@ -170,7 +170,7 @@ class PipelineRun:
 def expected_shards(prepared: PreparedDataset, tokenizer_path: str, task: str, max_length: int, shard_size: int,
                     out_dir: Path, chat: ChatEncoding | None = None) -> dict[str, list[str]]:
     """The shard paths tokenisation will return, without tokenising (file names are content hashes)."""
-    shards = plan_shards(prepared, shard_size, chat)
+    shards = split_into_shards(prepared, shard_size, chat)
     names = [shard_file_name(shard, tokenizer_path, task, max_length) for shard in shards]
     return shard_paths_by_split([str(Path(out_dir) / name) for name in names])
 
@@ -194,7 +194,7 @@ def shard_arguments(arguments: dict[str, Any], max_length: int) -> list[dict[str
     """The arguments of each shard's tokenisation at `max_length`: the unit the cache keeps."""
     common = {key: arguments[key] for key in ("tokenizer_path", "task", "out_dir")}
     return [{"shard": shard, **common, "max_length": max_length}
-            for shard in plan_shards(arguments["prepared"], arguments["shard_size"], arguments["chat"])]
+            for shard in split_into_shards(arguments["prepared"], arguments["shard_size"], arguments["chat"])]
 
 
 def tokenize_label(max_lengths: list[int], length: int) -> str:
@@ -223,7 +223,7 @@ def report_rejects(prepared: PreparedDataset, paths: list[str], max_length: int,
         log(f"{rejected} rows left out: too long for max_length={max_length}; see {rejects_path}")
 
 
-def _tokenize_plan_keys(arguments: dict[str, Any]) -> dict[str, list[str]]:
+def _tokenize_dry_run_keys(arguments: dict[str, Any]) -> dict[str, list[str]]:
     lengths = arguments["max_lengths"]
     return {tokenize_label(lengths, length): [tokenize_shard_key(shard) for shard in shard_arguments(arguments, length)]
             for length in lengths}
@@ -417,7 +417,7 @@ DATA_STAGES: list[Stage] = [
         arguments=lambda run: {"prepared": run["prepared"], "tokenizer_path": run.plan.model_path,
                                "task": run.params.task, "max_lengths": run.max_lengths,
                                "shard_size": run.params.shard_size, "out_dir": run.tokens_dir, "chat": run.plan.chat},
-        predict=_predict_shards, plan_keys=_tokenize_plan_keys,
+        predict=_predict_shards, dry_run_keys=_tokenize_dry_run_keys,
     ),
     Stage(
         name="baseline", output="baseline", function=evaluate, cache_key=evaluate_key,

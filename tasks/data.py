@@ -12,7 +12,7 @@ from prefect.task_runners import TaskRunner
 from loraflow.chat import ChatEncoding
 from loraflow.config import DatasetSpec
 from loraflow.data.prepare import PreparedDataset, prepare_dataset
-from loraflow.data.tokenize import Shard, plan_shards, shard_paths_by_split, tokenize_shard
+from loraflow.data.tokenize import Shard, shard_paths_by_split, split_into_shards, tokenize_shard
 from loraflow.pipeline import prepare_key, report_rejects, tokenize_shard_key
 from tasks import events
 from tasks.policies import transient_retries
@@ -91,7 +91,7 @@ def tokenize_dataset(
 ) -> tuple[dict[str, list[str]], bool]:
     """Map shard tokenisation over the flow's task runner (Dask); returns parquet paths per split and
     whether every shard was served from cache."""
-    shards = plan_shards(prepared, shard_size, chat)
+    shards = split_into_shards(prepared, shard_size, chat)
     get_run_logger().info(f"tokenising {sum(s.stop - s.start for s in shards)} rows in {len(shards)} shards")
     futures = tokenize_shard_task.with_options(result_storage=result_storage).map(
         shards, tokenizer_path=unmapped(tokenizer_path), task=unmapped(task), max_length=max_length, out_dir=out_dir

@@ -15,9 +15,9 @@ from prefect.states import Cancelled, Completed, Failed, State
 
 from loraflow.batch import BatchResult
 from loraflow.chat_eval import generation_table
+from loraflow.dry_run import DryRun
 from loraflow.errors import TrainingStopped
 from loraflow.layout import atomic_write_jsonl
-from loraflow.plan import ExecutionPlan
 from loraflow.report import RunResult, outcome_table, summary_markdown, write_csv, write_result
 from loraflow.variations import VariationsResult
 from tasks import events
@@ -58,7 +58,7 @@ def publish_leaderboard(result: VariationsResult) -> None:
                           description=f"loraflow variations {result.name}: variants ranked by {result.metric}")
 
 
-def plan_state(plan: ExecutionPlan) -> State:
+def dry_run_state(plan: DryRun) -> State:
     """End a `plan_only` run with its plan (also a Markdown artifact): Completed, or Failed naming
     the datasets that could not be planned."""
     create_markdown_artifact(

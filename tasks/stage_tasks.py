@@ -18,8 +18,8 @@ from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from loraflow.dry_run import CACHED, PREPARED_NOW, WILL_RUN
 from loraflow.pipeline import NotProducedYet, PipelineRun, Stage, expected_shards, tokenize_label
-from loraflow.plan import CACHED, PREPARED_NOW, WILL_RUN
 from tasks.data import dask_task_runner, prepare_dataset_task, tokenize_dataset
 from tasks.dispatch import train_stage
 from tasks.evaluation import evaluate_task, samples_task
@@ -37,7 +37,7 @@ STAGE_TASKS: dict[str, Task] = {
     "export": export_merged_task,
 }
 # Stages a plan runs for real: cheap, cached, and every later stage needs the facts they find (row counts, labels).
-RUN_BY_PLANS = {"prepare"}
+RUN_BY_DRY_RUNS = {"prepare"}
 
 
 def _tokenize(stages: StageRecorder, run: PipelineRun, arguments: dict[str, Any]) -> dict[int, dict[str, list[str]]]:
@@ -112,8 +112,8 @@ class CacheProbe:
         return None if missing_outputs(result) else result
 
 
-def plan_stages(stages: list[Stage], run: PipelineRun, recorder: StageRecorder) -> dict[str, str]:
-    """What each stage would do: cached, will run, or run now (`RUN_BY_PLANS`). A cached stage's
+def dry_run_stages(stages: list[Stage], run: PipelineRun, recorder: StageRecorder) -> dict[str, str]:
+    """What each stage would do: cached, will run, or run now (`RUN_BY_DRY_RUNS`). A cached stage's
     result, or a predicted one, lets later stages be looked up; after a stage that would run with
     no predictable output, the rest would run too."""
     probe, status = CacheProbe(recorder.result_storage), {}
@@ -127,7 +127,7 @@ def plan_stages(stages: list[Stage], run: PipelineRun, recorder: StageRecorder) 
             if stage.skipped:
                 status[stage.name] = stage.skipped
             continue
-        if stage.name in RUN_BY_PLANS:
+        if stage.name in RUN_BY_DRY_RUNS:
             run.outputs[stage.output] = recorder.run(stage.name, stage_task(stage), **arguments)
             status[stage.name] = CACHED if recorder.cached[stage.name] else PREPARED_NOW
             continue

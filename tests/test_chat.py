@@ -21,7 +21,7 @@ from loraflow.data.tokenize import (
     IGNORE_INDEX,
     collect_rejects,
     load_tokenizer,
-    plan_shards,
+    split_into_shards,
     tokenize_shard,
 )
 from loraflow.errors import ConfigError, DataError
@@ -123,7 +123,7 @@ def test_chat_template_named_jinja_or_file_and_a_model_without_one_is_refused(tm
 def tokenize_chat(tmp_path: Path, model: str, rows: list, template: str, train_on: str, max_length: int = 64):
     tmp_path.mkdir(exist_ok=True)
     prepared = prepare(tmp_path, write_jsonl(tmp_path / "c.jsonl", rows), test_fraction=0.4, validation_fraction=0.0)
-    shards = plan_shards(prepared, 1000, ChatEncoding(template=template, train_on=train_on))
+    shards = split_into_shards(prepared, 1000, ChatEncoding(template=template, train_on=train_on))
     paths = [tokenize_shard(shard, model, "chat", max_length, tmp_path / "tokens") for shard in shards]
     return prepared, paths, [row for path in paths for row in pq.read_table(path).to_pylist()]
 
@@ -182,7 +182,7 @@ def trained_chat(tmp_path_factory) -> dict:
     template = resolve_chat_template(model_path, "chatml")
     prepared = prepare(tmp_path, write_jsonl(tmp_path / "chat.jsonl", chat_conversations()), test_fraction=0.2)
     paths = [tokenize_shard(shard, model_path, "chat", 96, tmp_path / "tokens")
-             for shard in plan_shards(prepared, 1000, ChatEncoding(template=template))]
+             for shard in split_into_shards(prepared, 1000, ChatEncoding(template=template))]
     shards = {split: [p for p in paths if Path(p).name.startswith(split)] for split in ("train", "test")}
     settings = resolve_training_settings("chat-llama", {
         "learning_rate": 2e-2, "num_epochs": 12, "batch_size": 4, "gradient_accumulation_steps": 1, "max_length": 96,

@@ -18,8 +18,8 @@ from loraflow.data.tokenize import (
     Shard,
     collect_rejects,
     load_tokenizer,
-    plan_shards,
     shard_paths_by_split,
+    split_into_shards,
     tokenize_shard,
 )
 from loraflow.errors import DataError
@@ -64,7 +64,7 @@ def word_tokenizer(tmp_path_factory) -> str:
 
 
 def test_plan_shards_covers_every_row_once(classification):
-    shards = plan_shards(classification, shard_size=7)
+    shards = split_into_shards(classification, shard_size=7)
     assert [s.split for s in shards] == sorted((s.split for s in shards), key=SPLITS.index)
     for split in SPLITS:
         ranges = [(s.start, s.stop) for s in shards if s.split == split]
@@ -81,7 +81,7 @@ def test_shards_also_stop_at_a_byte_budget(monkeypatch, tmp_path, classification
 
     monkeypatch.setattr(tokenize, "SHARD_MAX_BYTES", 400)
     train = Path(classification.splits["train"]).read_bytes().splitlines(keepends=True)
-    shards = [s for s in plan_shards(classification, shard_size=1000) if s.split == "train"]
+    shards = [s for s in split_into_shards(classification, shard_size=1000) if s.split == "train"]
     assert len(shards) > 1
     assert [s.start for s in shards] == [0, *(s.stop for s in shards[:-1])] and shards[-1].stop == len(train)
     for shard in shards:
@@ -95,7 +95,7 @@ def test_empty_split_gets_one_empty_shard(tmp_path, classification):
     empty = tmp_path / "validation.jsonl"
     empty.write_text("")
     prepared = classification.model_copy(update={"splits": {**classification.splits, "validation": str(empty)}})
-    (shard,) = [s for s in plan_shards(prepared, 1000) if s.split == "validation"]
+    (shard,) = [s for s in split_into_shards(prepared, 1000) if s.split == "validation"]
     assert (shard.start, shard.stop) == (0, 0)
     path = tokenize_shard(shard, str(bundled_minilm_dir()), CLS, 16, tmp_path / "tok")
     assert pq.read_table(path).num_rows == 0
@@ -103,7 +103,7 @@ def test_empty_split_gets_one_empty_shard(tmp_path, classification):
 
 def test_classification_shard_with_minilm(tmp_path, classification):
     tokenizer = str(bundled_minilm_dir())
-    shard = plan_shards(classification, 1000)[0]
+    shard = split_into_shards(classification, 1000)[0]
     path = tokenize_shard(shard, tokenizer, CLS, 12, tmp_path)
     table = pq.read_table(path)
     assert table.schema.field("input_ids").type == pa.list_(pa.int32())
@@ -125,7 +125,7 @@ def test_shard_tokens_are_what_the_transformers_tokenizer_gives(tmp_path, classi
 
     reference = AutoTokenizer.from_pretrained(bundled_minilm_dir(), truncation_side=truncation_side)
     reference.save_pretrained(tmp_path / "minilm")
-    shard = plan_shards(classification, 1000)[0]
+    shard = split_into_shards(classification, 1000)[0]
     rows = pq.read_table(tokenize_shard(shard, str(tmp_path / "minilm"), CLS, 12, tmp_path / "tok")).to_pylist()
     expected = reference([row["text"] for row in read_jsonl(shard.source)], truncation=True, max_length=12)
     assert [row["input_ids"] for row in rows] == expected["input_ids"]
@@ -135,7 +135,7 @@ def test_shard_tokens_are_what_the_transformers_tokenizer_gives(tmp_path, classi
 
 def test_tokenize_shard_is_deterministic_and_reuses_its_file(tmp_path, classification):
     tokenizer = str(bundled_minilm_dir())
-    shard = plan_shards(classification, 1000)[-1]
+    shard = split_into_shards(classification, 1000)[-1]
     first = tokenize_shard(shard, tokenizer, CLS, 16, tmp_path)
     mtime = Path(first).stat().st_mtime_ns
     assert tokenize_shard(shard, tokenizer, CLS, 16, tmp_path) == first
@@ -150,14 +150,14 @@ def test_changed_source_is_refused(tmp_path, classification):
     copy = tmp_path / "train.jsonl"
     copy.write_bytes(Path(classification.splits["train"]).read_bytes())
     prepared = classification.model_copy(update={"splits": {**classification.splits, "train": str(copy)}})
-    shard = plan_shards(prepared, 1000)[0]
+    shard = split_into_shards(prepared, 1000)[0]
     copy.write_text(copy.read_text().replace("sentence", "changed"))
     with pytest.raises(DataError, match="changed since the shards were planned"):
         tokenize_shard(shard, str(bundled_minilm_dir()), CLS, 16, tmp_path / "tok")
 
 
 def test_shard_paths_by_split_restores_order(tmp_path, classification):
-    shards = plan_shards(classification, 10)
+    shards = split_into_shards(classification, 10)
     paths = [tokenize_shard(s, str(bundled_minilm_dir()), CLS, 16, tmp_path) for s in shards]
     shuffled = paths[:]
     random.Random(0).shuffle(shuffled)
@@ -171,7 +171,7 @@ def test_each_thread_gets_its_own_tokenizer(tmp_path, classification):
     from concurrent.futures import ThreadPoolExecutor
 
     tokenizer = str(bundled_minilm_dir())
-    shards = plan_shards(classification, 10)
+    shards = split_into_shards(classification, 10)
     with ThreadPoolExecutor(2) as pool:
         paths = list(pool.map(lambda s: tokenize_shard(s, tokenizer, CLS, 16, tmp_path), shards))
         (other,) = set(pool.map(lambda _: id(load_tokenizer(tokenizer)), range(1)))
@@ -191,7 +191,7 @@ def test_causal_prompt_tokens_are_masked_and_eos_appended(tmp_path, word_tokeniz
         for a in numbers for b in numbers for c in numbers
     ]
     prepared = causal_dataset(tmp_path, rows, prompt_column="q", completion_column="a")
-    shard = plan_shards(prepared, 1000)[0]
+    shard = split_into_shards(prepared, 1000)[0]
     table = pq.read_table(tokenize_shard(shard, word_tokenizer, "causal-lm", 64, tmp_path / "tok"))
     assert table.schema.field("labels").type == pa.list_(pa.int32())
     source = read_jsonl(shard.source)
@@ -210,7 +210,7 @@ def test_causal_plain_text_labels_equal_ids_and_truncation_keeps_eos(tmp_path, w
     rows = [{"text": " ".join(words[i:] + words[:i] + words[: i % 5])} for i in range(len(words))]
     rows += [{"text": " ".join(reversed(r["text"].split()))} for r in rows]
     prepared = causal_dataset(tmp_path, rows)
-    paths = [tokenize_shard(s, word_tokenizer, "causal-lm", 8, tmp_path / "tok") for s in plan_shards(prepared, 1000)]
+    paths = [tokenize_shard(s, word_tokenizer, "causal-lm", 8, tmp_path / "tok") for s in split_into_shards(prepared, 1000)]
     table = pa.concat_tables(pq.read_table(p) for p in paths)
     assert table.num_rows == len(rows)
     for row in table.to_pylist():
@@ -229,7 +229,7 @@ def _long_prompt_rows(long: int) -> list[dict]:
 
 
 def _tokenise_all(prepared: PreparedDataset, tokenizer: str, tmp_path: Path) -> list[str]:
-    return [tokenize_shard(s, tokenizer, "causal-lm", 12, tmp_path / "tok") for s in plan_shards(prepared, 1000)]
+    return [tokenize_shard(s, tokenizer, "causal-lm", 12, tmp_path / "tok") for s in split_into_shards(prepared, 1000)]
 
 
 def test_a_prompt_that_fills_max_length_goes_to_rejects_with_its_line(tmp_path, word_tokenizer):
@@ -272,7 +272,7 @@ def test_too_many_prompts_filling_max_length_fail_like_other_rejects(tmp_path, w
 def test_causal_with_a_tokenizer_without_eos(tmp_path):
     rows = [{"prompt": f"translate item {i}", "completion": f"the item is {i}"} for i in range(30)]
     prepared = causal_dataset(tmp_path, rows, prompt_column="prompt", completion_column="completion")
-    shard = plan_shards(prepared, 1000)[0]
+    shard = split_into_shards(prepared, 1000)[0]
     path = tokenize_shard(shard, str(bundled_minilm_dir()), "causal-lm", 32, tmp_path / "t")
     # MiniLM has no eos: nothing is appended; [CLS] + prompt are masked, the completion (+ [SEP]) is kept
     for row in pq.read_table(path).to_pylist():

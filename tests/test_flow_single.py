@@ -180,7 +180,7 @@ def test_tokenisation_starts_a_dask_cluster_only_for_shards_still_to_tokenise(tm
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
 
-    from loraflow.data.tokenize import plan_shards, tokenize_shard
+    from loraflow.data.tokenize import split_into_shards, tokenize_shard
     from loraflow.pipeline import DATA_STAGES, PipelineRun
     from loraflow.plan import plan_run
     from tasks.stage_tasks import shard_runner
@@ -192,7 +192,7 @@ def test_tokenisation_starts_a_dask_cluster_only_for_shards_still_to_tokenise(tm
     arguments = tokenize.arguments(run)
     max_length = run.config.settings.max_length
     assert isinstance(shard_runner(arguments, max_length), DaskTaskRunner)
-    shards = plan_shards(run["prepared"], params.shard_size)
+    shards = split_into_shards(run["prepared"], params.shard_size)
     for shard in shards[:-1]:
         tokenize_shard(shard, run.plan.model_path, params.task, max_length, run.tokens_dir)
     assert isinstance(shard_runner(arguments, max_length), DaskTaskRunner)  # one shard left

@@ -14,8 +14,8 @@ from benchmarks import common as bench
 from flows.single import single
 from loraflow import pipeline
 from loraflow.data.prepare import PreparedDataset
+from loraflow.dry_run import CACHED, WILL_RUN
 from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES, Stage, fingerprint_key
-from loraflow.plan import CACHED, WILL_RUN
 from tests.test_flow_single import FAST_CLASSIFICATION, classification_params
 
 

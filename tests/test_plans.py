@@ -19,7 +19,7 @@ from flows.cli import run_from_command_line
 from flows.single import single
 from flows.variations import demo_params, variations
 from loraflow.config import BatchParams, SingleParams
-from loraflow.plan import CACHED, PREPARED_NOW, WILL_RUN, ExecutionPlan
+from loraflow.dry_run import CACHED, PREPARED_NOW, WILL_RUN, DryRun
 from tests.test_flow_batch import three_datasets
 from tests.test_flow_single import FAST_CLASSIFICATION, write_messy_csv
 from tests.tiny_models import easy_classification_examples
@@ -50,7 +50,7 @@ def test_a_single_plan_prepares_counts_and_estimates_but_trains_nothing(prefect_
     state = single(params, return_state=True)
     assert state.is_completed() and state.message == "plan only: 1 training run(s) planned, nothing trained"
     plan = state.result()
-    assert isinstance(plan, ExecutionPlan) and plan.mode == "single"
+    assert isinstance(plan, DryRun) and plan.mode == "single"
     [dataset], [run] = plan.datasets, plan.runs
     assert dataset.counts == {"train": 49, "validation": 8, "test": 8, "rejected": 25}
     assert dataset.stages == {"prepare": PREPARED_NOW, "tokenize": WILL_RUN, "baseline": WILL_RUN}

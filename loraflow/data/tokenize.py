@@ -62,7 +62,7 @@ class Shard(BaseModel):
 SHARD_MAX_BYTES = 4 * 2**20
 
 
-def plan_shards(prepared: PreparedDataset, shard_size: int, chat: ChatEncoding | None = None) -> list[Shard]:
+def split_into_shards(prepared: PreparedDataset, shard_size: int, chat: ChatEncoding | None = None) -> list[Shard]:
     """Cover every row of every split (train, validation, test) with no overlap, in shards of
     at most `shard_size` rows and SHARD_MAX_BYTES (a row longer than that is a shard alone);
     a chat dataset's shards carry `chat`, how they are templated.

@@ -6,7 +6,7 @@ import torch
 from pydantic import BaseModel
 
 
-class DevicePlan(BaseModel):
+class DeviceChoice(BaseModel):
     """The device and mixed-precision flags the Trainer and evaluation agree on."""
 
     device: str
@@ -15,11 +15,11 @@ class DevicePlan(BaseModel):
     dtype_name: str
 
 
-def pick_device() -> DevicePlan:
+def pick_device() -> DeviceChoice:
     """CUDA in bf16 where the GPU supports it (fp16 otherwise), then MPS, then CPU; fp32 off CUDA."""
     if torch.cuda.is_available():
         bf16 = torch.cuda.is_bf16_supported()
-        return DevicePlan(device="cuda", bf16=bf16, fp16=not bf16, dtype_name="bfloat16" if bf16 else "float16")
+        return DeviceChoice(device="cuda", bf16=bf16, fp16=not bf16, dtype_name="bfloat16" if bf16 else "float16")
     if torch.backends.mps.is_available():
-        return DevicePlan(device="mps", bf16=False, fp16=False, dtype_name="float32")
-    return DevicePlan(device="cpu", bf16=False, fp16=False, dtype_name="float32")
+        return DeviceChoice(device="mps", bf16=False, fp16=False, dtype_name="float32")
+    return DeviceChoice(device="cpu", bf16=False, fp16=False, dtype_name="float32")

@@ -41,7 +41,7 @@ from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: par
     read_trainer_state,
 )
 from loraflow.train.data import TokenizedDataset, collator_for
-from loraflow.train.device import DevicePlan, pick_device
+from loraflow.train.device import DeviceChoice, pick_device
 from loraflow.train.packing import packed_rows, padding_free_collator
 from loraflow.train.reporting import guard_trackers, report_to
 from loraflow.train.request import (
@@ -82,7 +82,7 @@ def load_base_model(model_path: str, task: str, labels: list[str] | None, dtype=
     return model
 
 
-def model_dtype(plan: DevicePlan) -> torch.dtype:
+def model_dtype(plan: DeviceChoice) -> torch.dtype:
     """Weights in bf16 where the device trains in bf16 (half the memory); fp32 elsewhere, for AMP or CPU."""
     return torch.bfloat16 if plan.bf16 else torch.float32
 
@@ -137,7 +137,7 @@ def _release_memory() -> None:
 
 def _train_once(
     request: TrainRequest,
-    plan: DevicePlan,
+    plan: DeviceChoice,
     resume_from: str | None,
     train_data: TokenizedDataset,
     train_rows: Any,
@@ -205,13 +205,13 @@ def _train_once(
     )
 
 
-def _peak_memory_mb(plan: DevicePlan) -> float:
+def _peak_memory_mb(plan: DeviceChoice) -> float:
     if plan.device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _peft_model(request: TrainRequest, plan: DevicePlan):
+def _peft_model(request: TrainRequest, plan: DeviceChoice):
     lora = request.settings.lora
     classification = classifier(request.task)
     config = LoraConfig(
@@ -227,7 +227,7 @@ def _peft_model(request: TrainRequest, plan: DevicePlan):
     return get_peft_model(base, config)
 
 
-def _training_arguments(request: TrainRequest, plan: DevicePlan, with_eval: bool) -> TrainingArguments:
+def _training_arguments(request: TrainRequest, plan: DeviceChoice, with_eval: bool) -> TrainingArguments:
     settings = request.settings
     return TrainingArguments(
         output_dir=request.checkpoint_dir,
