@@ -247,6 +247,47 @@ def test_the_run_folder_lock_names_its_holder_once_and_a_stop_ends_the_wait(tmp_
     assert len(said) == 1
 
 
+def test_the_run_folder_lock_is_re_entrant_for_its_run_only(tmp_path):
+    """A flow holds its folder for the whole run and its stages hold it again: a nested hold in the same
+    context (or a copy of it, as a subflow's thread gets) goes on; another run in this process (a batch's
+    other dataset, a thread of its own) waits; a copy of the context kept after the hold ended holds nothing."""
+    import contextvars
+
+    folder, said = tmp_path / "run", []
+    entered = threading.Event()
+
+    def other_run() -> None:
+        with lock_run_folder(folder, "other", log=said.append):
+            entered.set()
+
+    def same_run() -> None:
+        with lock_run_folder(folder, "first", log=said.append):
+            pass
+
+    with lock_run_folder(folder, "first", log=said.append):
+        with lock_run_folder(folder / ".." / "run", "first", log=said.append):  # the same folder, nested: no wait
+            copied = contextvars.copy_context()
+            in_copy = threading.Thread(target=copied.run, args=(same_run,))
+            in_copy.start()
+            in_copy.join(5)
+            assert not in_copy.is_alive(), "a copy of the holder's context goes on"
+        other = threading.Thread(target=other_run)
+        other.start()
+        time.sleep(1)
+        assert not entered.is_set(), "another run in this process waits"
+        assert len(said) == 1 and f"{folder} is in use by run 'first' (pid {os.getpid()} on " in said[0]
+    other.join(5)
+    assert entered.is_set() and not other.is_alive()
+    stale = threading.Thread(target=copied.run, args=(other_run,))  # the hold that context knew has ended
+    entered.clear()
+    with lock_run_folder(folder, "third", log=said.append):
+        stale.start()
+        time.sleep(1)
+        assert not entered.is_set(), "a stale copy of a context is no hold"
+    stale.join(5)
+    assert entered.is_set()
+
+
 def test_a_slot_whose_release_failed_keeps_its_note_for_the_next_run(prefect_server, monkeypatch):
     """The server went away while the run held the slot: the note stays, so the next run can give it back."""
     import httpx
