@@ -45,7 +45,7 @@ def single(params: SingleParams) -> State:
     plan = plan_run(params)
     if params.plan_only:
         return plan_state(plan_single(plan))
-    with cancelled_when_stopped() as stop:
+    with cancelled_when_stopped() as stop, hold_run_folder(plan.layout.root, plan.name):  # for the whole run
         data = prepare_data(plan)
         trained = train_evaluate.with_options(flow_run_name=plan.name)(plan, data, return_state=True)
     if stop.state or trained.is_cancelled():
@@ -58,8 +58,8 @@ def single(params: SingleParams) -> State:
 def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PreparedData:
     """The data stages (`DATA_STAGES`: prepare, tokenise, the bare base model's baseline): the work
     every training run on this data shares. Tokenised at the plan's `max_length` and any others
-    given (a grid that varies it). Holds the run folder meanwhile: a second run of it waits, then
-    finds this one's work in the cache."""
+    given (a grid that varies it). Holds the run folder meanwhile (as does the flow that calls it, for
+    its whole run; the lock is re-entrant): a second run of it waits, then finds this one's work in the cache."""
     stages = StageRecorder(result_storage(plan.params))
     run = PipelineRun(plan, max_lengths=max_lengths)
     with hold_run_folder(plan.layout.root, plan.name):

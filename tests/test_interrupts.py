@@ -212,8 +212,16 @@ def test_a_second_run_of_the_same_parameters_waits_for_the_first_and_finds_its_w
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-4000:]
 
     log = (tmp_path / "second.log").read_text()
-    waiting = [line for line in log.splitlines() if "is in use by run" in line]
+    lines = log.splitlines()
+    waiting = [line for line in lines if "is in use by run" in line]
     assert len(waiting) == 1 and f"{output_dir / NAME} is in use by run '{NAME}' (pid {first.pid} on " in waiting[0]
+    # The folder is held for the whole run, not stage by stage: the second run waits before its first
+    # stage, and its first stage ends only after the first run's training subflow (the last of its work).
+    first_stage = next(line for line in lines if "| Task run '" in line)
+    assert lines.index(waiting[0]) < lines.index(first_stage), log[-4000:]
+    first_done = next(line for line in (tmp_path / "first.log").read_text().splitlines()
+                      if f"Flow run '{NAME}' - Finished in state Completed()" in line)
+    assert first_stage[:12] > first_done[:12], (first_done, first_stage)  # HH:MM:SS.mmm
     result = json.loads((output_dir / NAME / "result.json").read_text())
     assert result["cached"]["train"] is True and result["cached"]["prepare"] is True, result["cached"]
     assert "resuming from checkpoint" not in log, "the second run never trained into the first one's checkpoints"
