@@ -63,7 +63,7 @@ from loraflow.errors import TrainingStopped
 from loraflow.layout import lock_run_folder
 from loraflow.model_process import stop_model_processes
 from loraflow.train.checkpoints import find_resumable_checkpoint
-from loraflow.train.launch import LaunchOptions, request_stop_all
+from loraflow.train.launch import LaunchOptions, end_all_trainings, request_stop_all
 
 # How long a stopping run may take before the process ends anyway: the training's own grace to
 # save its checkpoint, and time to set the flow runs' states.
@@ -363,7 +363,8 @@ class TerminalSession:
             pass
 
     def exit_now(self, line: str, code: int, set_states: bool = True) -> None:
-        """End the process now: model processes, flow run states (briefly), the server, one line."""
+        """End the process now: trainings and model processes, flow run states (briefly), the server, one line."""
+        end_all_trainings()  # killed, not asked: the last complete checkpoint stays
         stop_model_processes()
         for child in multiprocessing.active_children():  # a Dask cluster's processes, if any
             child.kill()

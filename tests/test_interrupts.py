@@ -85,7 +85,8 @@ def last_line(log: Path) -> str:
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_a_bare_run_stops_at_a_checkpoint_in_seconds_and_a_rerun_resumes(tmp_path):
+def test_ctrl_c_on_a_bare_run_stops_at_a_checkpoint_in_seconds_a_second_ctrl_c_quits_at_once_and_reruns_resume(
+        tmp_path):
     home, output_dir, params, run = bare_run_in_training(tmp_path, "gpu-ctrl-c")
     checkpoints = output_dir / NAME / "checkpoints"
 
@@ -107,13 +108,39 @@ def test_ctrl_c_on_a_bare_run_stops_at_a_checkpoint_in_seconds_and_a_rerun_resum
     assert states["train-evaluate"][0] == "CANCELLED", states
     assert not list((home / "loraflow-slot-holders").glob("*.json")), "the slot was given back"
 
+    # The re-run resumes; a second Ctrl-C while it stops quits at once, leaving no process behind.
     rerun = start_bare_run(params, tmp_path / "second.yaml", home)
     wait_for_checkpoint_after(rerun, checkpoints, step)
-    os.killpg(rerun.pid, signal.SIGTERM)
-    assert rerun.wait(timeout=120) == 143
-    second = (tmp_path / "second.log").read_text()
-    assert f"resuming from checkpoint-{step} (step {step} of " in second
-    assert last_line(tmp_path / "second.log").startswith("stopped: interrupted by SIGTERM; training stopped")
+    second = tmp_path / "second.log"
+    assert f"resuming from checkpoint-{step} (step {step} of " in second.read_text()
+    os.killpg(rerun.pid, signal.SIGINT)
+    wait_for_text(rerun, second, "SIGINT (Ctrl-C): stopping at the next checkpoint; press Ctrl-C again to quit at once")
+    code, took = ended_after(rerun, lambda: os.killpg(rerun.pid, signal.SIGINT))
+    assert code == 130, second.read_text()[-4000:]
+    assert took < 15, f"took {took:.0f}s to quit"
+    assert last_line(second) == ("stopped: interrupted by SIGINT (Ctrl-C), then SIGINT (Ctrl-C) again: quit at once; "
+                                 "the last complete checkpoint and finished stages are kept, run again to resume")
+    time.sleep(1)
+    assert processes_mentioning(str(output_dir / NAME / ".training")) == [], "training processes left behind"
+    assert processes_mentioning(str(home)) == [], "the temporary server (or another process of the run) is left"
+    later = int(Path(find_resumable_checkpoint(checkpoints, log=lambda message: None)).name.split("-")[1])
+
+    # The next run gives back the slot the quit left taken, resumes, and stops on SIGTERM.
+    third = start_bare_run(params, tmp_path / "third.yaml", home)
+    wait_for_checkpoint_after(third, checkpoints, later)
+    os.killpg(third.pid, signal.SIGTERM)
+    assert third.wait(timeout=120) == 143
+    text = (tmp_path / "third.log").read_text()
+    assert f"released the 'gpu-ctrl-c' slot of process {rerun.pid}, which died holding it" in text
+    assert f"resuming from checkpoint-{later} (step {later} of " in text
+    assert last_line(tmp_path / "third.log").startswith("stopped: interrupted by SIGTERM; training stopped")
+
+
+def wait_for_text(process: subprocess.Popen, log: Path, text: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in log.read_text():
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.02)
 
 
 def wait_for_checkpoint_after(process: subprocess.Popen, checkpoints: Path, step: int, timeout: float = 300) -> None:
