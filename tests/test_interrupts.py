@@ -403,7 +403,7 @@ def test_a_configured_server_that_dies_mid_run_ends_it_in_bounded_time(tmp_path)
         server.wait()
     text = (tmp_path / "first.log").read_text()
     assert code == 1, text[-4000:]
-    assert took < 90, f"took {took:.0f}s to end"
+    assert took < 60, f"took {took:.0f}s to end"
     line = last_line(tmp_path / "first.log")
     assert line.startswith(f"error: the Prefect server at http://127.0.0.1:{port} stopped responding"), line
     assert "run again to resume" in line, line

@@ -140,6 +140,13 @@ def end_all_trainings() -> None:
         tree.end()
 
 
+def trainings_running() -> bool:
+    """Whether a process of any training this process runs is still alive: once none is, what the
+    trainings saved is on disk, even while their launchers still wait on a callback (an API call to
+    a server that is gone)."""
+    return any(tree.process.poll() is None or tree._ranks() for tree in list(_RUNNING))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
