@@ -96,6 +96,7 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
             promotion=version.decision if version else None,
             timings=timings, cached=cached, cached_stages=[s for s, hit in cached.items() if hit],
             counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
+            data_warnings=data.prepared.warnings, classes_missing=data.prepared.classes_missing,
             paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),
                    "samples": run["samples"], "baseline": data.baseline_path, "rejects": data.prepared.rejects_path,
                    "manifest": data.prepared.manifest_path,
