@@ -47,7 +47,7 @@ def single(params: SingleParams) -> State:
     plan = plan_run(params)
     if params.plan_only:
         return dry_run_state(dry_run_single(plan))
-    with cancelled_when_stopped() as stop:
+    with cancelled_when_stopped() as stop, hold_run_folder(plan.layout.root, plan.name):  # for the whole run
         data = prepare_data(plan)
         trained = train_evaluate.with_options(flow_run_name=plan.name)(plan, data, return_state=True)
     if stop.state or trained.is_cancelled():
@@ -60,8 +60,8 @@ def single(params: SingleParams) -> State:
 def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PreparedData:
     """The data stages (`DATA_STAGES`: prepare, tokenise, the bare base model's baseline): the work
     every training run on this data shares. Tokenised at the plan's `max_length` and any others
-    given (a grid that varies it). Holds the run folder meanwhile: a second run of it waits, then
-    finds this one's work in the cache."""
+    given (a grid that varies it). Holds the run folder meanwhile (as does the flow that calls it, for
+    its whole run; the lock is re-entrant): a second run of it waits, then finds this one's work in the cache."""
     stages = StageRecorder(result_storage(plan.params))
     run = PipelineRun(plan, max_lengths=max_lengths)
     with hold_run_folder(plan.layout.root, plan.name):
@@ -98,6 +98,7 @@ def train_evaluate(plan: RunPlan, data: PreparedData, registry_alias: str | None
             promotion=version.decision if version else None,
             timings=timings, cached=cached, cached_stages=[s for s, hit in cached.items() if hit],
             counts=data.prepared.counts, train=trained.model_dump(), flow_run_id=flow_run.get_id(),
+            data_warnings=data.prepared.warnings, classes_missing=data.prepared.classes_missing,
             paths={"result": str(layout.result), "config": str(layout.config / "resolved.yaml"),
                    "samples": run["samples"], "baseline": data.baseline_path, "rejects": data.prepared.rejects_path,
                    "manifest": data.prepared.manifest_path,

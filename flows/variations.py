@@ -21,7 +21,7 @@ from prefect.states import State
 
 from flows.single import prepare_data, train_evaluate
 from loraflow.config import VariationsParams
-from loraflow.grid import rank_metric
+from loraflow.grid import Variant, rank_metric
 from loraflow.pipeline import PipelineRun
 from loraflow.plan import PreparedData, RunPlan
 from loraflow.registry import BEST_ALIAS, RegistryVersion
@@ -34,6 +34,7 @@ from loraflow.variations import (
 )
 from tasks.dispatch import should_dispatch
 from tasks.dry_run import dry_run_variations
+from tasks.interrupts import hold_run_folder
 from tasks.registry import register_task
 from tasks.reporting import cancelled_when_stopped, dry_run_state, final_state, first_cancelled, publish_leaderboard
 from tasks.stages import StageRecorder, result_storage
@@ -59,7 +60,15 @@ def variations(params: VariationsParams) -> State:
     base, variants = variant_plans(params)
     if params.plan_only:
         return dry_run_state(dry_run_variations(params, base, variants))
+    # The grid's folder is held for the whole run (the shared data, leaderboard, registration and report);
+    # each variant's own folder, below it, is held by its train-evaluate run.
+    with cancelled_when_stopped() as waited, hold_run_folder(base.layout.root, params.folder_name):
+        return run_grid(params, base, variants)
+    return waited.state
 
+
+def run_grid(params: VariationsParams, base: RunPlan, variants: list[tuple[Variant, RunPlan]]) -> State:
+    """Prepare once, train and evaluate every variant, rank them, register the best, report."""
     with cancelled_when_stopped() as stop:
         data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
     if stop.state:

@@ -102,6 +102,14 @@ def _comparison(result: RunResult) -> str:
     return _table(["metric", "adapter", "base model", "change"], rows, numeric={1, 2, 3})
 
 
+def _data_warnings(result: RunResult) -> str:
+    """What the prepared data may train or score badly: a class the test split lacks goes unscored."""
+    if not result.data_warnings:
+        return ""
+    items = "".join(f"<li>{escape(warning)}</li>" for warning in result.data_warnings)
+    return f"<h2>Data warnings</h2><ul>{items}</ul>"
+
+
 def _promotion(result: RunResult) -> str:
     """The alias decision and the comparison behind it: base model, champion, this adapter."""
     decision = result.promotion
@@ -168,6 +176,7 @@ def run_report_html(result: RunResult, pictures: dict[str, str], tracker_links: 
         f'<h1>{escape(result.name)} <span class="badge {escape(result.status)}">{escape(result.status)}</span></h1>',
         f'<p class="meta">{escape(result.task)} &middot; base model {escape(result.model)} &middot; rows: '
         f"{escape(counts)}</p>",
+        _data_warnings(result),
         "<h2>Adapter against the base model (test split)</h2>", _comparison(result),
         "<h2>Quality gates</h2>", _gates(result),
         "<h2>Promotion</h2>", _promotion(result),

@@ -3,12 +3,14 @@ run at a time writing into a folder."""
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import json
 import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +24,15 @@ SUBDIRS = ("data", "config", "model", "eval", "samples", "logs")
 CACHE_DIRNAME = ".loraflow-cache"
 LOCK_FILENAME = ".lock"
 LOCK_POLL_SECONDS = 0.5
+
+# Run folders this process holds: resolved root -> the owner token of the hold. `_HOLDS` says which
+# of them the current context took (a flow's body and what it calls, its subflows and the threads it
+# starts with a copy of its context), so a nested hold of the same folder by the same run just goes
+# on, while another run in this process (a batch's other dataset, in a thread of its own) waits.
+_HELD: dict[Path, object] = {}
+_HELD_GUARD = threading.Lock()
+_HOLDS: contextvars.ContextVar[tuple[tuple[Path, object], ...]] = contextvars.ContextVar("loraflow_folder_holds",
+                                                                                        default=())
 
 
 def cache_dir(output_dir: str | Path) -> Path:
@@ -152,8 +163,20 @@ def lock_run_folder(
     produced in the cache; `should_stop` (a cancel, Ctrl-C) ends the wait with `TrainingStopped`.
     The kernel drops the lock when its holder dies, so a killed run never leaves the folder held.
     The lock file is never replaced (a rename would give waiters another file to lock), only rewritten.
+
+    Re-entrant for the run that holds it: a hold taken inside a hold of the same folder, in the same
+    context or one copied from it (a flow holds its folder for its whole body, its stages and
+    subflow hold it again), just goes on. Another run in this process has a context of its own and
+    waits like a run in another process (`flock` locks of two `open`s exclude each other).
     """
-    root = Path(root)
+    root = Path(root).resolve()
+    holds = _HOLDS.get()
+    mine = dict(holds).get(root)
+    with _HELD_GUARD:
+        nested = mine is not None and _HELD.get(root) is mine  # still held: a copied context may outlive a hold
+    if nested:
+        yield
+        return
     root.mkdir(parents=True, exist_ok=True)
     handle = open(root / LOCK_FILENAME, "a+", encoding="utf-8")
     try:
@@ -174,6 +197,15 @@ def lock_run_folder(
         handle.truncate()
         handle.write(json.dumps({"run": run, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
         handle.flush()
-        yield
+        owner = object()
+        with _HELD_GUARD:
+            _HELD[root] = owner
+        _HOLDS.set((*holds, (root, owner)))
+        try:
+            yield
+        finally:
+            _HOLDS.set(holds)  # `set`, not `reset`: a context manager may be left from a copy of the context
+            with _HELD_GUARD:
+                _HELD.pop(root, None)
     finally:
         handle.close()  # closing the file drops the lock

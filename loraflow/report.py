@@ -39,6 +39,8 @@ class RunResult(BaseModel):
     paths: dict[str, str] = Field(default_factory=dict)
     flow_run_id: str | None = None
     promotion: PromotionDecision | None = None  # None: not registered
+    data_warnings: list[str] = Field(default_factory=list)  # the prepared data's: what may train or score badly
+    classes_missing: dict[str, list[str]] = Field(default_factory=dict)  # "test"/"validation": classes with no rows
 
     @property
     def failed_gates(self) -> list[GateVerdict]:
@@ -97,6 +99,7 @@ def summary_text(result: RunResult) -> str:
     for metric, value in scalar_metrics(result.metrics).items():
         lines.append(f"  {metric:<12} {_fmt(value):>10}   baseline {_fmt(result.baseline.get(metric))}")
     lines += [f"  gate: {gate_line(g)}" for g in result.gates.values()] or ["  gates: none set"]
+    lines += [f"  warning: {warning}" for warning in result.data_warnings]
     cached = f" (cached: {', '.join(result.cached_stages)})" if result.cached_stages else ""
     lines.append(f"  time: {sum(result.timings.values()):.1f}s{cached}")
     lines.append(f"  adapter:  {result.adapter_path}")
@@ -122,6 +125,8 @@ def summary_markdown(result: RunResult) -> str:
     return "\n".join([
         f"# {result.name}: {result.status}",
         "",
+        *(["Data warnings:", "", *(f"- {warning}" for warning in result.data_warnings), ""]
+          if result.data_warnings else []),
         "| metric | adapter | baseline |", "|---|---|---|", *rows,
         "",
         "| gate | threshold | value | verdict |", "|---|---|---|---|", *(gates or ["| (none) | | | |"]),

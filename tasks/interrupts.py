@@ -63,14 +63,22 @@ from loraflow.errors import TrainingStopped
 from loraflow.layout import lock_run_folder
 from loraflow.model_process import stop_model_processes
 from loraflow.train.checkpoints import find_resumable_checkpoint
-from loraflow.train.launch import LaunchOptions, request_stop_all
+from loraflow.train.launch import LaunchOptions, end_all_trainings, request_stop_all, trainings_running
 
 # How long a stopping run may take before the process ends anyway: the training's own grace to
 # save its checkpoint, and time to set the flow runs' states.
 STOP_DEADLINE_S = LaunchOptions().stop_grace_s + 30
 SERVER_CHECK_S = 5.0  # how often the server is asked for its health
+SERVER_CHECK_TIMEOUT_S = 3.0  # how long one health check waits for an answer
 SERVER_FAILURES = 3  # unanswered health checks in a row that count as the server gone
-SERVER_LOST_DEADLINE_S = 45.0  # after the server is gone: time for training to save its checkpoint
+# A run whose server stopped answering ends within SERVER_LOST_BOUND_S: noticed after at most
+# SERVER_FAILURES checks (each up to half a second late, the last one waiting its full timeout),
+# then time for training to save its checkpoint, then the exit (`run`'s last 3 s wait for the
+# flow thread, the resource tracker's 3 s, the kills).
+SERVER_LOST_BOUND_S = 60.0
+_SERVER_NOTICED_S = SERVER_FAILURES * (SERVER_CHECK_S + 0.5) + SERVER_CHECK_TIMEOUT_S  # 19.5 s
+_EXIT_S = 3 + 3 + 1.5
+SERVER_LOST_DEADLINE_S = SERVER_LOST_BOUND_S - _SERVER_NOTICED_S - _EXIT_S  # 33 s for training to save its checkpoint
 SERVER_STARTUP_S = 120  # the longest a temporary server may take to answer before the run gives up
 CLIENT_MAX_RETRIES = "2"  # an API call retries 2 s + 4 s, not Prefect's default 2+4+8+16+32 s
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -164,7 +172,7 @@ def shielded_server() -> Any:
             if self.server_process is None or self.server_process.poll() is not None:
                 return False
             try:
-                return httpx.get(f"{self.api_url}/health", timeout=3).status_code == 200
+                return httpx.get(f"{self.api_url}/health", timeout=SERVER_CHECK_TIMEOUT_S).status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -232,6 +240,7 @@ class TerminalSession:
         self.deadline: float | None = None
         self.server_lost: str | None = None
         self._lost_at = 0.0
+        self._trees_gone_at = 0.0  # when, after the server was lost, no training process was left
         self._err = err or (lambda line: print(line, file=sys.stderr, flush=True))
         self._previous: dict[int, Any] = {}
 
@@ -260,7 +269,8 @@ class TerminalSession:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         if self.server is not None:
-            _drain_api_workers()  # logs and events still queued would go to a server that is gone
+            if self.server_lost is None:  # a lost server takes no more: draining would only wait out the timeouts
+                _drain_api_workers()  # logs and events still queued would go to a server that is gone
             self.server.stop()
 
     # -- running -------------------------------------------------------------------------------
@@ -291,7 +301,12 @@ class TerminalSession:
             if self.server_lost is not None and thread.is_alive() and now > self._lost_at + 3:
                 with _GUARD:
                     training = _ACTIVE_TRAININGS[0]
-                if training == 0 or now > self.deadline:
+                # Also done a few seconds after the last training process ended (time for its task to say
+                # what it saved): the task may be stuck in an API call (its progress bar) that retries
+                # against the lost server long after its processes stopped.
+                if training and not self._trees_gone_at and not trainings_running():
+                    self._trees_gone_at = now
+                if training == 0 or now > self.deadline or (self._trees_gone_at and now > self._trees_gone_at + 5):
                     thread.join(3)  # what the flow still has to say, if it can
                     if thread.is_alive():
                         self.exit_now(f"error: {self.server_lost}; {what_was_saved()}", 1, set_states=False)
@@ -305,7 +320,7 @@ class TerminalSession:
         if self.server is not None:
             return self.server.healthy()
         try:
-            return httpx.get(f"{self.api_url.rstrip('/')}/health", timeout=2).status_code == 200
+            return httpx.get(f"{self.api_url.rstrip('/')}/health", timeout=SERVER_CHECK_TIMEOUT_S).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -363,7 +378,8 @@ class TerminalSession:
             pass
 
     def exit_now(self, line: str, code: int, set_states: bool = True) -> None:
-        """End the process now: model processes, flow run states (briefly), the server, one line."""
+        """End the process now: trainings and model processes, flow run states (briefly), the server, one line."""
+        end_all_trainings()  # killed, not asked: the last complete checkpoint stays
         stop_model_processes()
         for child in multiprocessing.active_children():  # a Dask cluster's processes, if any
             child.kill()

@@ -124,6 +124,33 @@ def test_failing_gates_fail_the_run_after_writing_everything(prefect_server, tmp
     assert "production" not in Registry(params.registry_root).index("reviews").aliases
 
 
+def test_the_result_and_the_summary_say_which_classes_the_test_split_lacks(prefect_server, tmp_path):
+    """A class whose few rows all land in train is not scored: result.json, the summary and the report say so."""
+    import hashlib
+
+    from loraflow.report import summary_text
+
+    def position(text: str) -> float:  # where the split puts a row: its normalised text's sha256, in [0, 1)
+        return int.from_bytes(hashlib.sha256(f"{text}, truly".encode()).digest()[:8], "big") / 2**64
+
+    train_only = [t for t in (f"a rare complaint number {i}" for i in range(100)) if position(t) >= 0.5][:3]
+    rows = easy_classification_examples(90, seed=1) + [{"text": t, "label": "scarce"} for t in train_only]
+    data = write_messy_csv(tmp_path / "reviews.csv", rows)
+    params = SingleParams(dataset={"path": str(data)}, overrides={**FAST_CLASSIFICATION, "num_epochs": 1},
+                          output_dir=str(tmp_path / "runs"), shard_size=200)
+    state = single(params, return_state=True)
+    assert state.is_completed(), state.message
+    root = Path(params.output_dir) / "reviews"
+    on_disk = json.loads((root / "result.json").read_text())
+    assert on_disk["classes_missing"] == {"validation": ["scarce"], "test": ["scarce"]}
+    lacks = (f"{data}: the test split has no rows of class(es) 'scarce' (3 in all): test metrics cannot score them; "
+             "add examples of them or raise dataset.test_fraction")
+    assert lacks in on_disk["data_warnings"]
+    assert f"  warning: {lacks}" in summary_text(state.result()).splitlines()
+    assert "<h2>Data warnings</h2>" in (root / "report.html").read_text() and "&#x27;scarce&#x27;" in (
+        root / "report.html").read_text()
+
+
 def test_causal_lm_on_a_local_tiny_llama(prefect_server, tmp_path):
     corpus = sorted(set(tiny_corpus(200, seed=3)))[:60]
     model_dir = build_tiny_llama(tmp_path / "tiny-llama", corpus)

@@ -63,6 +63,7 @@ class PreparedDataset(BaseModel):
     fingerprint: str
     truncate_prompt: str | None = None  # dataset.truncate_prompt, for tokenisation
     warnings: list[str] = Field(default_factory=list)  # what may train badly though it trains
+    classes_missing: dict[str, list[str]] = Field(default_factory=dict)  # per evaluation split, the classes it lacks
 
 
 def normalise_text(text: str) -> str:
@@ -338,6 +339,7 @@ def prepare_dataset(spec: DatasetSpec, task: str, data_dir: str | Path) -> Prepa
         fingerprint=fingerprint,
         truncate_prompt=spec.truncate_prompt,
         warnings=warnings,
+        classes_missing=missing,
     )
 
 

@@ -133,6 +133,20 @@ def request_stop_all() -> None:
         tree.request_stop()
 
 
+def end_all_trainings() -> None:
+    """End every process of every training this process runs, now: for a run that quits at once (a
+    second Ctrl-C). A rank left to stop on its own would go on writing into a folder no longer held."""
+    for tree in list(_RUNNING):
+        tree.end()
+
+
+def trainings_running() -> bool:
+    """Whether a process of any training this process runs is still alive: once none is, what the
+    trainings saved is on disk, even while their launchers still wait on a callback (an API call to
+    a server that is gone)."""
+    return any(tree.process.poll() is None or tree._ranks() for tree in list(_RUNNING))
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
