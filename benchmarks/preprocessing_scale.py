@@ -92,8 +92,8 @@ def dask(args: dict[str, Any]) -> dict[str, Any]:
     from loraflow.config import SingleParams
     from loraflow.pipeline import DATA_STAGES, PipelineRun, stages_through
     from loraflow.plan import plan_run
+    from orchestration.stages import StageRecorder, result_storage
     from tasks.stage_tasks import run_stages
-    from tasks.stages import StageRecorder, result_storage
 
     if args["processes"]:
         tasks.data.PROCESS_CLUSTER_MIN_BYTES = 0

@@ -23,8 +23,8 @@ from flows.single import single
 from loraflow.batch import BatchResult, dataset_runs
 from loraflow.config import BatchParams
 from loraflow.report import RunOutcome
-from tasks.dry_run import dry_run_batch
-from tasks.reporting import dry_run_state, final_state, first_cancelled, publish_batch
+from orchestration.dry_run import dry_run_batch
+from orchestration.reporting import dry_run_state, final_state, first_cancelled, publish_batch
 from tasks.subflows import run_subflows, subflow_outcome
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "loraflow" / "sample_data"

@@ -6,7 +6,7 @@
 Parameter-file problems are reported as one line and exit code 2 before Prefect starts;
 a run that fails (bad data, failed gates) prints its one-line reason and exits 1. Ctrl-C (or
 SIGTERM) stops training at a checkpoint, ends the flow runs Cancelled and exits 130 (143) with
-one `stopped:` line; a second Ctrl-C quits at once (`tasks/interrupts.py`).
+one `stopped:` line; a second Ctrl-C quits at once (`orchestration/prefect_workarounds.py`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from loraflow.config import load_params_file
 from loraflow.devices import check_devices
 from loraflow.errors import LoraflowError
 from loraflow.report import RunResult, summary_text
-from tasks.interrupts import TerminalSession, finish_cancellation, interrupted, what_was_saved
+from orchestration.prefect_workarounds import TerminalSession, finish_cancellation, interrupted, what_was_saved
 
 USAGE = (
     "usage: python flows/{name}.py [PARAMS.yaml|PARAMS.json] [--plan]\n"

@@ -27,12 +27,12 @@ from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES, PipelineRun
 from loraflow.plan import PreparedData, RunPlan, plan_run, write_resolved_config
 from loraflow.registry import PROMOTED_ALIAS
 from loraflow.report import RunResult, failure_message, write_result
+from orchestration.dry_run import dry_run_single
+from orchestration.prefect_workarounds import hold_run_folder
+from orchestration.reporting import cancelled_when_stopped, dry_run_state, final_state, first_cancelled, publish_summary
+from orchestration.stages import StageRecorder, result_storage
 from tasks.approval import await_approval
-from tasks.dry_run import dry_run_single
-from tasks.interrupts import hold_run_folder
-from tasks.reporting import cancelled_when_stopped, dry_run_state, final_state, first_cancelled, publish_summary
 from tasks.stage_tasks import run_stages
-from tasks.stages import StageRecorder, result_storage
 from tasks.tracking import ended_if_failed, report_run, start_tracking
 
 

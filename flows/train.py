@@ -1,7 +1,7 @@
 """train: one LoRA training run as its own flow, deployed on the GPU work pool.
 
 The pipeline flows (`single`, `batch`, `variations`) start it with `run_deployment` when
-they run as deployments (see `tasks/dispatch.py`), so training happens on a GPU worker
+they run as deployments (see `orchestration/dispatch.py`), so training happens on a GPU worker
 while preparation and evaluation stay on the CPU pool. It runs the same training task as
 inline training, with the same cache, and persists its result for the parent to read.
 """
@@ -15,8 +15,8 @@ from prefect import flow
 
 from blocks import use_hub_token
 from blocks.infrastructure import worker_limit_name
-from tasks.dispatch import TrainJob, TrainOutcome
-from tasks.stages import StageRecorder
+from orchestration.dispatch import TrainJob, TrainOutcome
+from orchestration.stages import StageRecorder
 from tasks.training import train_adapter_task
 
 

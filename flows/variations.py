@@ -32,12 +32,18 @@ from loraflow.variations import (
     leaderboard,
     variant_plans,
 )
-from tasks.dispatch import should_dispatch
-from tasks.dry_run import dry_run_variations
-from tasks.interrupts import hold_run_folder
+from orchestration.dispatch import should_dispatch
+from orchestration.dry_run import dry_run_variations
+from orchestration.prefect_workarounds import hold_run_folder
+from orchestration.reporting import (
+    cancelled_when_stopped,
+    dry_run_state,
+    final_state,
+    first_cancelled,
+    publish_leaderboard,
+)
+from orchestration.stages import StageRecorder, result_storage
 from tasks.registry import register_task
-from tasks.reporting import cancelled_when_stopped, dry_run_state, final_state, first_cancelled, publish_leaderboard
-from tasks.stages import StageRecorder, result_storage
 from tasks.subflows import run_subflows, subflow_outcome, training_parallelism
 from tasks.tracking import grid_ended_if_failed, report_grid, start_grid_tracking
 

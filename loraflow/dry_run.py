@@ -1,5 +1,5 @@
 """The dry run (`--plan`, `plan_only`): what a run would do and what the cache already holds,
-as data and as the text a person reads. Built by the flows' `tasks/dry_run.py`; trains nothing."""
+as data and as the text a person reads. Built by the flows' `orchestration/dry_run.py`; trains nothing."""
 
 from __future__ import annotations
 

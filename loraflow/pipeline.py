@@ -5,8 +5,8 @@ what each stage has produced so far): `DATA_STAGES` (prepare, tokenize, baseline
 training on one dataset) and `TRAINING_STAGES` (train, evaluate, samples, register: once per run or
 grid variant). Three walkers read the same lists, so they cannot drift apart:
 
-- the flows run each stage as its Prefect task, cached under the stage's key (`tasks/stages.py`);
-- the plan asks Prefect's result store for each stage's key and trains nothing (`tasks/dry_run.py`);
+- the flows run each stage as its Prefect task, cached under the stage's key (`orchestration/stages.py`);
+- the plan asks Prefect's result store for each stage's key and trains nothing (`orchestration/dry_run.py`);
 - the benchmarks' plain pipeline calls each stage's core function directly (`run_plain`).
 
 A new stage is one `Stage` in a list plus its core function; the walkers need no edit.

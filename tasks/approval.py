@@ -27,8 +27,8 @@ from loraflow.model_process import stop_model_processes
 from loraflow.promotion import ApprovalAnswer
 from loraflow.registry import Registry, RegistryVersion
 from loraflow.report import RunResult, write_result
-from tasks import events
-from tasks.reporting import publish_summary
+from orchestration import events
+from orchestration.reporting import publish_summary
 
 
 class ApprovalForm(RunInput):

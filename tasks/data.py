@@ -14,7 +14,7 @@ from loraflow.config import DatasetSpec
 from loraflow.data.prepare import PreparedDataset, prepare_dataset
 from loraflow.data.tokenize import Shard, shard_paths_by_split, split_into_shards, tokenize_shard
 from loraflow.pipeline import prepare_key, report_rejects, tokenize_shard_key
-from tasks import events
+from orchestration import events
 from tasks.policies import transient_retries
 
 

@@ -38,7 +38,7 @@ def is_transient(error: BaseException) -> bool:
 def retry_transient_only(task: Any, task_run: Any, state: Any) -> bool:
     """`retry_condition_fn`: continue to the retry policy only for transient failures, and never
     once the run was asked to stop (a model process that died of the terminal's Ctrl-C)."""
-    from tasks.interrupts import interrupted
+    from orchestration.prefect_workarounds import interrupted
 
     if interrupted():
         return False

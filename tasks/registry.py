@@ -10,7 +10,7 @@ from loraflow.pipeline import register_and_decide, register_key
 from loraflow.plan import ResolvedConfig
 from loraflow.promotion import PromotionRequest
 from loraflow.registry import PROMOTED_ALIAS, AliasMove, Registry, RegistryVersion
-from tasks import events
+from orchestration import events
 from tasks.policies import transient_retries
 
 

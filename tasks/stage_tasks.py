@@ -20,13 +20,13 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from loraflow.dry_run import CACHED, PREPARED_NOW, WILL_RUN
 from loraflow.pipeline import NotProducedYet, PipelineRun, Stage, expected_shards, tokenize_label
+from orchestration.dispatch import train_stage
+from orchestration.stages import StageRecorder, missing_outputs
 from tasks.data import dask_task_runner, prepare_dataset_task, tokenize_dataset
-from tasks.dispatch import train_stage
 from tasks.evaluation import evaluate_task, samples_task
 from tasks.export import export_merged_task
 from tasks.policies import transient_retries
 from tasks.registry import register_task
-from tasks.stages import StageRecorder, missing_outputs
 
 STAGE_TASKS: dict[str, Task] = {
     "prepare": prepare_dataset_task,

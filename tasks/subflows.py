@@ -19,8 +19,8 @@ from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from loraflow.devices import host_devices
-from tasks.interrupts import interrupted
-from tasks.slots import ensure_concurrency_limit
+from orchestration.prefect_workarounds import interrupted
+from orchestration.slots import ensure_concurrency_limit
 
 
 @task(name="subflow", cache_policy=NO_CACHE)

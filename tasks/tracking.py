@@ -43,7 +43,7 @@ from loraflow.tracking import (
 )
 from loraflow.train.request import TrainRequest
 from loraflow.variations import VariationsResult
-from tasks.reporting import artifact_key
+from orchestration.reporting import artifact_key
 
 
 def _prefect_tags() -> dict[str, str]:

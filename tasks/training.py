@@ -1,7 +1,7 @@
 """The training task: one LoRA run on leased devices, in its own torchrun process tree, with
 live progress in the Prefect UI, that stops at a checkpoint when its flow run is cancelled.
 
-It holds slots of the global concurrency limit (`tasks/slots.py`: how many devices a pool may use)
+It holds slots of the global concurrency limit (`orchestration/slots.py`: how many devices a pool may use)
 and leases devices of this host (`loraflow.devices`: which ones; the child sees only those).
 """
 
@@ -17,15 +17,15 @@ from loraflow.pipeline import train, train_key
 from loraflow.plan import ResolvedConfig
 from loraflow.train.launch import LaunchOptions
 from loraflow.train.request import ProgressUpdate, TrainRequest, TrainResult
-from tasks.interrupts import (
+from orchestration.prefect_workarounds import (
     CancellationWatch,
     interrupted,
     note_on_cancelling_run,
     record_stopped_training,
     training_in_progress,
 )
+from orchestration.slots import training_slots
 from tasks.policies import transient_retries
-from tasks.slots import training_slots
 
 
 class TrainingProgress:

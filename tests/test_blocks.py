@@ -14,7 +14,7 @@ from prefect.settings import PREFECT_API_URL
 
 from blocks import HUB_TOKEN_BLOCK, LoraflowStorage, TrainingInfrastructure, use_hub_token
 from flows.train import concurrency_limit_for_worker
-from tasks.dispatch import should_dispatch
+from orchestration.dispatch import should_dispatch
 from tests.test_flow_single import REPO
 
 

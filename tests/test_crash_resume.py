@@ -115,7 +115,7 @@ def test_a_slot_whose_holder_died_without_a_lease_is_given_back(prefect_server):
     from prefect.logging import disable_run_logger
 
     from loraflow.layout import atomic_write_json
-    from tasks.slots import _holders_dir, reclaim_dead_holders
+    from orchestration.prefect_workarounds import reclaim_dead_holders, slot_holders_dir
 
     limit = "gpu-orphan-test"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
@@ -124,9 +124,9 @@ def test_a_slot_whose_holder_died_without_a_lease_is_given_back(prefect_server):
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(limit, 1)
         client.increment_concurrency_slots(names=[limit], slots=1, mode="concurrency")  # the dead process's slot
-        atomic_write_json(_holders_dir() / "orphan.json", holder)
+        atomic_write_json(slot_holders_dir() / "orphan.json", holder)
         with disable_run_logger():
             reclaim_dead_holders(limit)
             reclaim_dead_holders(limit)  # a second run finds nothing left to give back
         assert client.read_global_concurrency_limit_by_name(limit).active_slots == 0
-    assert not list(_holders_dir().glob("orphan*"))
+    assert not list(slot_holders_dir().glob("orphan*"))

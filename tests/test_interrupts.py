@@ -192,12 +192,12 @@ def test_a_temporary_server_killed_mid_run_ends_it_in_bounded_time_and_the_next_
 
 @pytest.mark.slow
 def test_a_run_queued_for_a_slot_says_who_holds_it_and_a_cancel_ends_it_at_once(prefect_server, tmp_path):
-    from tasks.slots import _holders_dir
+    from orchestration.prefect_workarounds import slot_holders_dir
 
     limit, output_dir = "gpu-queued-cancel", tmp_path / "runs"
     holder = {"limit": limit, "run": "blocker", "host": socket.gethostname(), "pid": os.getpid(), "lease_id": None,
               "since": time.time(), "slots": 1}
-    note = _holders_dir() / "blocker.json"
+    note = slot_holders_dir() / "blocker.json"
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(limit, 1)
         client.increment_concurrency_slots(names=[limit], slots=1, mode="concurrency")  # a live holder's slot
@@ -334,14 +334,15 @@ def test_a_slot_whose_release_failed_keeps_its_note_for_the_next_run(prefect_ser
     import httpx
     from prefect.concurrency import _sync
 
-    from tasks.slots import _holders_dir, training_slots
+    from orchestration.prefect_workarounds import slot_holders_dir
+    from orchestration.slots import training_slots
 
     limit = "gpu-release-fails"
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(limit, 1)
     said: list[str] = []
     with training_slots(limit, 1, run="held", log=said.append):
-        notes = [n for n in _holders_dir().glob("*.json") if json.loads(n.read_text())["limit"] == limit]
+        notes = [n for n in slot_holders_dir().glob("*.json") if json.loads(n.read_text())["limit"] == limit]
         assert len(notes) == 1 and json.loads(notes[0].read_text())["run"] == "held"
 
         def unreachable(lease_id):

@@ -24,8 +24,8 @@ from loraflow.errors import LoraflowError
 from loraflow.plan import ResolvedConfig
 from loraflow.train.launch import LaunchOptions
 from loraflow.train.request import TrainRequest, TrainResult
-from tasks import events
-from tasks.stages import StageRecorder
+from orchestration import events
+from orchestration.stages import StageRecorder
 from tasks.training import train_adapter_task
 
 POLL_SECONDS = 2

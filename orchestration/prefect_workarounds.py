@@ -24,6 +24,12 @@ A temporary server costs 8-16 s per run on a small machine, a third of a fully c
 when a Prefect server already answers at the default local address (`prefect server start
 --background`), the run uses it instead and says so (LORAFLOW_USE_RUNNING_SERVER=0 turns this off).
 
+A slot of the `gpu` limit whose holder died: Prefect frees it only when its lease expires, and
+only on a server that runs the lease repossessor; the temporary server of a bare run runs none and
+forgets leases when it exits, so a killed run would block every later run on that slot for good.
+Each holder leaves a note (`orchestration.slots`); `reclaim_dead_holders` gives back the slots of
+this host's dead holders before a run waits.
+
 A cancel from the UI or the API: training asks the server whether its run (or the run it belongs
 to) is cancelling (`CancellationWatch`), and the process that started a run without a worker moves
 it on from Cancelling to Cancelled (`finish_cancellation`), as a worker would.
@@ -32,9 +38,11 @@ it on from Cancelling to Cancelled (`finish_cancellation`), as a worker would.
 from __future__ import annotations
 
 import contextvars
+import json
 import multiprocessing
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,6 +61,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.runtime import flow_run
 from prefect.settings import (
     PREFECT_API_URL,
+    PREFECT_HOME,
     PREFECT_SERVER_EPHEMERAL_ENABLED,
     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
     get_current_settings,
@@ -64,6 +73,7 @@ from loraflow.layout import lock_run_folder
 from loraflow.model_process import stop_model_processes
 from loraflow.train.checkpoints import find_resumable_checkpoint
 from loraflow.train.launch import LaunchOptions, end_all_trainings, request_stop_all, trainings_running
+from loraflow.train.worker import process_alive
 
 # How long a stopping run may take before the process ends anyway: the training's own grace to
 # save its checkpoint, and time to set the flow runs' states.
@@ -424,7 +434,7 @@ class CancellationWatch:
         self.cancelled_run_id: str | None = None
 
     def __call__(self) -> bool:
-        if interrupted():  # Ctrl-C, SIGTERM, or the temporary server gone (tasks/interrupts.py)
+        if interrupted():  # Ctrl-C, SIGTERM, or the temporary server gone (orchestration/prefect_workarounds.py)
             return True
         try:
             with get_client(sync_client=True) as client:
@@ -465,3 +475,42 @@ def finish_cancellation(state: State) -> State:
 def hold_run_folder(root: str | Path, run: str):
     """`lock_run_folder` for a flow: waits are logged to the run, and a cancel or Ctrl-C ends them."""
     return lock_run_folder(root, run, log=get_run_logger().info, should_stop=CancellationWatch())
+
+
+def slot_holders_dir() -> Path:
+    """Where each holder of a global-concurrency slot leaves its note (`orchestration.slots`)."""
+    return Path(PREFECT_HOME.value()) / "loraflow-slot-holders"
+
+
+def reclaim_dead_holders(limit: str) -> None:
+    """Give back the slots of `limit` still held by processes on this host that were killed.
+
+    With a configured server the lease is released (a no-op if it was already repossessed,
+    so never counted twice); a temporary server has lost the lease, so one slot is decremented.
+    """
+    host = socket.gethostname()
+    for note in sorted(slot_holders_dir().glob("*.json")):
+        try:
+            holder = json.loads(note.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if holder.get("limit") != limit or holder.get("host") != host or process_alive(int(holder["pid"])):
+            continue
+        claimed = note.with_suffix(f".reclaiming-{os.getpid()}")
+        try:
+            os.replace(note, claimed)  # one reclaimer per note, even when runs start together
+        except FileNotFoundError:
+            continue
+        try:
+            with get_client(sync_client=True) as client:
+                if PREFECT_API_URL.value() and holder.get("lease_id"):
+                    client.release_concurrency_slots_with_lease(lease_id=holder["lease_id"])
+                else:
+                    held = max(0.001, time.time() - float(holder.get("since", 0)))  # the server wants > 0
+                    client.release_concurrency_slots(names=[limit], slots=int(holder.get("slots", 1)),
+                                                     occupancy_seconds=held)
+        except BaseException:
+            os.replace(claimed, note)  # still held: the next run tries again
+            raise
+        claimed.unlink(missing_ok=True)
+        get_run_logger().warning(f"released the {limit!r} slot of process {holder['pid']}, which died holding it")

@@ -3,11 +3,10 @@
 The limit says how many devices a whole pool of workers may use at once; it is a count. Which
 devices a training uses is the host's business (`loraflow.devices`).
 
-A workaround for Prefect's temporary server lives here: Prefect frees a slot whose holder died only
-when its lease expires, and only on a server that runs the lease repossessor; the temporary server
-of a bare `python flows/single.py` runs none and forgets leases when it exits, so a killed run would
-block every later run on that slot for good. Each holder therefore leaves a note under
-PREFECT_HOME; the next run on the same host gives back the slots of holders that are dead.
+Each holder leaves a note under PREFECT_HOME (who, where, since when), which a waiting run shows
+and from which the next run on the host gives back a dead holder's slots
+(`orchestration.prefect_workarounds.reclaim_dead_holders`: the temporary server has no lease
+recovery).
 """
 
 from __future__ import annotations
@@ -18,19 +17,17 @@ import socket
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
 
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.concurrency.context import ConcurrencyContext
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
-from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
 from loraflow.devices import host_devices
 from loraflow.errors import ConfigError, TrainingStopped
 from loraflow.layout import atomic_write_json
-from loraflow.train.worker import process_alive
+from orchestration.prefect_workarounds import reclaim_dead_holders, slot_holders_dir
 
 SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
 SLOT_POLL_SECONDS = 2  # how long one attempt at the slots waits before the run checks for a cancel
@@ -50,48 +47,10 @@ def ensure_concurrency_limit(name: str) -> int:
             return slots
 
 
-def _holders_dir() -> Path:
-    return Path(PREFECT_HOME.value()) / "loraflow-slot-holders"
-
-
-def reclaim_dead_holders(limit: str) -> None:
-    """Give back the slots of `limit` still held by processes on this host that were killed.
-
-    With a configured server the lease is released (a no-op if it was already repossessed,
-    so never counted twice); a temporary server has lost the lease, so one slot is decremented.
-    """
-    host = socket.gethostname()
-    for note in sorted(_holders_dir().glob("*.json")):
-        try:
-            holder = json.loads(note.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if holder.get("limit") != limit or holder.get("host") != host or process_alive(int(holder["pid"])):
-            continue
-        claimed = note.with_suffix(f".reclaiming-{os.getpid()}")
-        try:
-            os.replace(note, claimed)  # one reclaimer per note, even when runs start together
-        except FileNotFoundError:
-            continue
-        try:
-            with get_client(sync_client=True) as client:
-                if PREFECT_API_URL.value() and holder.get("lease_id"):
-                    client.release_concurrency_slots_with_lease(lease_id=holder["lease_id"])
-                else:
-                    held = max(0.001, time.time() - float(holder.get("since", 0)))  # the server wants > 0
-                    client.release_concurrency_slots(names=[limit], slots=int(holder.get("slots", 1)),
-                                                     occupancy_seconds=held)
-        except BaseException:
-            os.replace(claimed, note)  # still held: the next run tries again
-            raise
-        claimed.unlink(missing_ok=True)
-        get_run_logger().warning(f"released the {limit!r} slot of process {holder['pid']}, which died holding it")
-
-
 def slot_holders(limit: str) -> list[str]:
     """Who holds slots of `limit`, as their notes say: `run 'reviews' (pid 12 on gpu-3, since 10:04:05)`."""
     found = []
-    for note in sorted(_holders_dir().glob("*.json")):
+    for note in sorted(slot_holders_dir().glob("*.json")):
         try:
             holder = json.loads(note.read_text(encoding="utf-8"))
         except (OSError, ValueError):
@@ -150,7 +109,7 @@ def training_slots(limit: str, devices: int, run: str = "?", log: Callable[[str]
     held.enter_context(_acquire_slots(limit, devices, run, log, should_stop))
     context = ConcurrencyContext.get()  # records each lease it grants, newest last
     lease_id = str(context.cleanup_lease_ids[-1]) if context and context.cleanup_lease_ids else None
-    note = _holders_dir() / f"{lease_id or os.getpid()}.json"
+    note = slot_holders_dir() / f"{lease_id or os.getpid()}.json"
     holder = {"limit": limit, "run": run, "host": socket.gethostname(), "pid": os.getpid(), "lease_id": lease_id,
               "since": time.time(), "slots": devices}
     try:

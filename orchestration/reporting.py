@@ -20,7 +20,7 @@ from loraflow.errors import TrainingStopped
 from loraflow.layout import atomic_write_jsonl
 from loraflow.report import RunResult, outcome_table, summary_markdown, write_csv, write_result
 from loraflow.variations import VariationsResult
-from tasks import events
+from orchestration import events
 
 
 def artifact_key(*parts: str) -> str:

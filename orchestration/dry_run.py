@@ -24,8 +24,8 @@ from loraflow.pipeline import DATA_STAGES, TRAINING_STAGES, PipelineRun
 from loraflow.plan import RunPlan, optimiser_steps, plan_run
 from loraflow.registry import BEST_ALIAS, PROMOTED_ALIAS
 from loraflow.report import error_line
+from orchestration.stages import StageRecorder, result_storage
 from tasks.stage_tasks import dry_run_stages
-from tasks.stages import StageRecorder, result_storage
 
 
 class DryRunData(NamedTuple):

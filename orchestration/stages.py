@@ -21,7 +21,7 @@ from pydantic import BaseModel
 from loraflow.config import RunSettings
 from loraflow.errors import TrainingStopped
 from loraflow.layout import cache_dir
-from tasks.interrupts import interrupted
+from orchestration.prefect_workarounds import interrupted
 
 # Result fields that hold messages for people, which start with a data file's path but name no output.
 MESSAGE_FIELDS = {"warnings"}
