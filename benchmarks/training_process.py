@@ -6,8 +6,8 @@ and how much faster a grid trains with two device slots.
 
 - Launch cost: one demo-sized training, in a fresh process each round, either called in that
   process (`train_adapter`, what the flows did before) or started through `run_training`
-  (torchrun, one rank, the same request). The difference of the wall times is what starting the
-  process tree costs; both import torch, transformers and peft once.
+  (one device: the rank alone, without torchrun's agent; the same request). The difference of the
+  wall times is what starting the training process costs; both import torch, transformers and peft once.
 - DDP: the same training on `devices: 2` (two gloo processes, half the per-device batch) against
   `devices: 1` (the whole batch), with two CPU slots so each process has one core: samples/s
   and the largest relative difference of the logged losses, step by step.
@@ -80,9 +80,9 @@ def main(argv: Sequence[str] | None = None) -> bench.Report:
                                                             **extra}, env)
 
         launch = bench.interleaved({"in the flow process": child("inline", session.env),
-                                    "torchrun process tree": child("process", session.env)}, args.repeat)
+                                    "own process (one device: no torchrun agent)": child("process", session.env)}, args.repeat)
         inline_s = bench.median([run.seconds for run in launch["in the flow process"]])
-        process_s = bench.median([run.seconds for run in launch["torchrun process tree"]])
+        process_s = bench.median([run.seconds for run in launch["own process (one device: no torchrun agent)"]])
         report.table(f"Launch cost, {data.config.total_steps} steps of the demo training, medians of rounds:",
                      ["variant", "wall s", "train s", "peak MB", "runs"],
                      [[name, f"{bench.median([r.seconds for r in runs]):.1f}",

@@ -105,7 +105,7 @@ def test_variations_sharing(tmp_path, api_url):
 @pytest.mark.slow
 def test_training_process(tmp_path, api_url):
     launch, ddp, grid = run_smoke(training_process, tmp_path, api_url)
-    assert column(launch, "variant") == ["in the flow process", "torchrun process tree"]
+    assert column(launch, "variant") == ["in the flow process", "own process (one device: no torchrun agent)"]
     assert column(ddp, "variant") == ["devices: 1", "devices: 2"] and column(ddp, "vs 1 device")[0] == "1.00x"
     assert column(grid, "variant") == ["1 device slot", "2 device slots"]
     assert all(RATIO.match(value) for value in column(grid, "wall ratio"))
