@@ -94,6 +94,9 @@ def run_grid(params: VariationsParams, base: RunPlan, variants: list[tuple[Varia
         best = best_variant(ranked)
         plans = {variant.name: plan for variant, plan in variants}
         version = register_best(plans[best.name], data, best) if best else None
+        if version is not None:  # the leaderboard names the version its winner became
+            ranked = [outcome.model_copy(update={"registry_version": version.version})
+                      if outcome.name == best.name else outcome for outcome in ranked]
 
         result = VariationsResult(
             name=params.folder_name, dataset=base.name, metric=metric, leaderboard=ranked,
@@ -113,7 +116,7 @@ def register_best(plan: RunPlan, data: PreparedData, best: RunOutcome) -> Regist
     config = PipelineRun(plan, outputs=data.outputs()).config.model_copy(update={"name": data.prepared.name})
     stages = StageRecorder(result_storage(plan.params))
     return stages.run("register", register_task, plan.params.registry_root, config, best.adapter_path, best.metrics,
-                      True, BEST_ALIAS, plan.params.gate_thresholds)
+                      True, BEST_ALIAS, plan.params.gate_thresholds, merged=best.merged_path)
 
 
 if __name__ == "__main__":

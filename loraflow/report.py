@@ -174,6 +174,7 @@ class RunOutcome(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
     cached_stages: list[str] = Field(default_factory=list)
     adapter_path: str | None = None
+    merged_path: str | None = None  # `export: merged`: the merged model the run wrote
     registry_version: int | None = None
     result_path: str | None = None
     error: str | None = None
@@ -192,7 +193,8 @@ class RunOutcome(BaseModel):
             name=name, status=outcome.status, metrics=scalar_metrics(outcome.metrics), gates=outcome.gates,
             seconds=round(sum(s for stage, s in outcome.timings.items() if stage not in shared_stages), 3),
             timings=outcome.timings, cached_stages=outcome.cached_stages, adapter_path=outcome.adapter_path,
-            registry_version=outcome.registry_version, result_path=outcome.paths.get("result"), **extra,
+            merged_path=outcome.paths.get("merged"), registry_version=outcome.registry_version,
+            result_path=outcome.paths.get("result"), **extra,
         )
 
     @property

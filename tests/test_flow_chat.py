@@ -141,7 +141,7 @@ def test_chat_variations_rank_by_rouge_l(prefect_server, tmp_path):
     single_params = chat_params(tmp_path)
     params = VariationsParams(**{**single_params.model_dump(exclude={"overrides", "gates"}), "overrides": FAST_CHAT,
                                  "grid": {"learning_rate": [0.002, 0.02]}, "metric": "rouge_l",
-                                 "gates": {"perplexity": 1e6}})
+                                 "gates": {"perplexity": 1e6}, "export": "merged"})
     state = variations(params, return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
@@ -151,4 +151,7 @@ def test_chat_variations_rank_by_rouge_l(prefect_server, tmp_path):
     with open(Path(result.paths["leaderboard"]), newline="") as handle:
         board = list(csv.DictReader(handle))
     assert [row["name"] for row in board] == [outcome.name for outcome in result.leaderboard]
-    assert result.best == board[0]["name"] and Registry(params.registry_root).resolve("chats", "best").version == 1
+    best = Registry(params.registry_root).resolve("chats", "best")
+    assert result.best == board[0]["name"] and best.version == 1 and board[0]["registry_version"] == "1"
+    assert best.verdicts[-1].merged == result.leaderboard[0].merged_path, "the winner's merged export is on record"
+    assert (Path(result.leaderboard[0].merged_path) / "model.safetensors").is_file()
