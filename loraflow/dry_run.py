@@ -32,13 +32,10 @@ class TemplatedTokens(BaseModel):
 
     @classmethod
     def count(cls, lengths: list[int], max_length: int, packing: bool) -> TemplatedTokens:
-        from loraflow.train.packing import packed_rows
+        from loraflow.train.packing import packed_row_count
 
         kept = [length for length in lengths if length <= max_length]
-        packed = None
-        if packing and kept:
-            dummy = [[0] * length for length in kept]  # best-fit packing looks at the lengths only
-            packed = len(packed_rows({"input_ids": dummy, "labels": dummy}, max_length))
+        packed = packed_row_count(kept, max_length) if packing and kept else None
         return cls(conversations=len(lengths), tokens=sum(kept), longest=max(lengths, default=0),
                    too_long=len(lengths) - len(kept), packed_rows=packed)
 

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraflow.data.tokenize import IGNORE_INDEX
 from loraflow.settings import LoraSettings, TrainingSettings
-from loraflow.train.packing import packed_rows, padding_free_collator
+from loraflow.train.packing import packed_row_count, packed_rows, padding_free_collator
 from loraflow.train.request import TrainRequest
 from loraflow.train.trainer import train_adapter
 from tests.tiny_models import build_tiny_llama, causal_lm_rows, tiny_corpus, write_shard
@@ -29,6 +29,7 @@ def test_packed_examples_have_the_loss_they_have_alone(tmp_path):
     columns = {name: [row[name] for row in rows] for name in ("input_ids", "labels")}
     packed = packed_rows(columns, max_length=64)
     assert len(packed) < len(rows) and sum(map(sum, packed["seq_lengths"])) == sum(map(len, columns["input_ids"]))
+    assert packed_row_count([len(ids) for ids in columns["input_ids"]], 64) == len(packed), "the dry run's count"
     batch = padding_free_collator(tokenizer)([packed[i] for i in range(len(packed))])
     assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
     with torch.inference_mode():
