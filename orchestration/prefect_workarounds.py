@@ -47,7 +47,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,7 @@ _REASON: list[str] = []
 _STOPPED_TRAININGS: list[str] = []
 _ACTIVE_TRAININGS = [0]
 _UNFINISHED_TRAININGS: list[str] = []
+_WAITING_FOR_A_PERSON = [0]
 _GUARD = threading.Lock()
 
 
@@ -121,6 +123,20 @@ def record_stopped_training(message: str) -> None:
     """What a training that stopped on request saved (its `TrainingStopped` message), for the last line."""
     with _GUARD:
         _STOPPED_TRAININGS.append(message)
+
+
+@contextmanager
+def waiting_for_a_person() -> Iterator[None]:
+    """Marks a wait that holds nothing (a paused run asking for approval): Ctrl-C or SIGTERM then
+    ends the process at once instead of waiting out the stop deadline, since Prefect's pause polls
+    in its own sleep loop and would not notice the stop."""
+    with _GUARD:
+        _WAITING_FOR_A_PERSON[0] += 1
+    try:
+        yield
+    finally:
+        with _GUARD:
+            _WAITING_FOR_A_PERSON[0] -= 1
 
 
 class training_in_progress:
@@ -320,7 +336,8 @@ class TerminalSession:
                     thread.join(3)  # what the flow still has to say, if it can
                     if thread.is_alive():
                         self.exit_now(f"error: {self.server_lost}; {what_was_saved()}", 1, set_states=False)
-            if self.deadline is not None and now > self.deadline and thread.is_alive():
+            asked_to_stop_while_waiting = self.signal is not None and _WAITING_FOR_A_PERSON[0]
+            if self.deadline is not None and thread.is_alive() and (now > self.deadline or asked_to_stop_while_waiting):
                 self.exit_now(self.stopped_line(), self.exit_code())
         if "error" in outcome:
             raise outcome["error"]

@@ -28,6 +28,7 @@ from loraflow.promotion import ApprovalAnswer
 from loraflow.registry import Registry, RegistryVersion
 from loraflow.report import RunResult, write_result
 from orchestration import events
+from orchestration.prefect_workarounds import waiting_for_a_person
 from orchestration.reporting import publish_summary
 
 
@@ -77,7 +78,8 @@ def await_approval(result: RunResult, registry_root: str, timeout_s: int) -> Run
                        f"after a suspension; it pauses in this process, holding no device (training gave its slot "
                        f"back), until approved or rejected in {_where_to_answer()}")
         try:
-            given = pause_flow_run(wait_for_input=form, timeout=timeout_s, key=key, poll_interval=2)
+            with waiting_for_a_person():  # Ctrl-C ends a bare run at once here: it holds nothing
+                given = pause_flow_run(wait_for_input=form, timeout=timeout_s, key=key, poll_interval=2)
         except FlowPauseTimeout:  # the run goes on (Prefect left it Paused) and ends as trained: unpromoted
             with get_client(sync_client=True) as client:
                 client.set_flow_run_state(flow_run.get_id(), Running(message="no approval answer in time"), force=True)
