@@ -18,6 +18,7 @@ from loraflow.config import SingleParams
 from loraflow.gates import check_gates, load_gate_profile
 from loraflow.promotion import ApprovalAnswer, PromotionRequest, decide
 from loraflow.registry import Registry
+from tests.production_stack import resume_run
 from tests.test_flow_single import classification_params
 from tests.test_registry import _adapter
 
@@ -124,9 +125,8 @@ def test_a_bare_run_pauses_for_approval_times_out_unpromoted_then_is_approved_ov
                           json={"prefix": "paused-approval-reviews-v1", "limit": 10}, timeout=30).json()
         description = next(json.loads(item["value"]) for item in form if item["key"].endswith("-description"))
         assert description.startswith("### Promote reviews v1 to `production`?") and "| accuracy |" in description
-        response = httpx.post(f"{api}/flow_runs/{paused['id']}/resume",
-                              json={"run_input": {"decision": "approve", "comment": "looks good"}}, timeout=30)
-        assert response.json()["status"] == "ACCEPT", response.text
+        response = resume_run(api, paused["id"], {"decision": "approve", "comment": "looks good"})
+        assert response.status_code in (200, 201) and response.json()["status"] == "ACCEPT", response.text
     finally:
         thread.join(timeout=120)
     assert not thread.is_alive() and answered["state"].is_completed(), answered["state"].message

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from tests.production_stack import (
     deployment_id,
     flow_runs,
     prefect_stack,
+    resume_run,
     training_runs,
     wait_finished,
     wait_for,
@@ -188,18 +188,20 @@ def test_approval_suspends_the_run_and_an_answer_over_rest_promotes_or_rejects_i
     except pytest.fail.Exception:
         print(stack["processes"].tail("worker-loraflow-cpu"), stack["processes"].tail("worker-loraflow-gpu"), sep="\n")
         raise
-    time.sleep(3)  # the worker reaps its flow-run process once the run is suspended
-    assert {name: _flow_run_processes(run_id) for name, run_id in runs.items()} == {"approved": [], "rejected": []}, \
-        "nothing of a suspended run keeps running while it waits"
+    # The suspended state is set before the flow-run process has flushed its logs and exited: give it
+    # a bounded time, then nothing of it may be left while it waits.
+    wait_for("the suspended runs' processes to exit",
+             lambda: not any(_flow_run_processes(run_id) for run_id in runs.values()), timeout=60)
+    assert all(flow_runs(api, flow_runs={"id": {"any_": [run_id]}})[0]["state_name"] == "Suspended"
+               for run_id in runs.values()), "still waiting, with no process"
     form = httpx.post(f"{api}/flow_runs/{runs['approved']}/input/filter",
                       json={"prefix": "suspended-approval-approved-v1", "limit": 10}, timeout=30).json()
     description = next(json.loads(item["value"]) for item in form if item["key"].endswith("-description"))
     assert description.startswith("### Promote approved v1 to `production`?") and "| accuracy |" in description
 
     for name, decision in (("approved", "approve"), ("rejected", "reject")):
-        response = httpx.post(f"{api}/flow_runs/{runs[name]}/resume",
-                              json={"run_input": {"decision": decision, "comment": f"{name} by ana"}}, timeout=30)
-        assert response.json()["status"] == "ACCEPT", response.text
+        response = resume_run(api, runs[name], {"decision": decision, "comment": f"{name} by ana"})
+        assert response.status_code in (200, 201) and response.json()["status"] == "ACCEPT", response.text
     finished = wait_finished(api, list(runs.values()), timeout=300)
     assert {name: finished[run_id]["state_type"] for name, run_id in runs.items()} == \
         {"approved": "COMPLETED", "rejected": "COMPLETED"}
