@@ -95,9 +95,14 @@ class RegistryVersion(BaseModel):
         return verdict
 
     @property
+    def latest_verdict(self) -> Verdict | None:
+        """The verdict `passed` and `metrics` follow: the latest evaluation's."""
+        return self.verdicts[self.verdict - 1] if self.verdicts else None
+
+    @property
     def decision(self) -> PromotionDecision | None:
         """The latest verdict's promotion decision."""
-        return self.verdicts[self.verdict - 1].promotion if self.verdicts else None
+        return self.latest_verdict.promotion if self.latest_verdict else None
 
     def passing_verdict(self) -> Verdict:
         """The latest verdict that passed: what lets an alias point here."""
@@ -317,8 +322,8 @@ class Registry:
         A decision that is not waiting (answered before: a resumed run asks once) stays as it is."""
         with self._locked(name) as index:
             target = index.get(version)
-            verdict = target.verdicts[target.verdict - 1]
-            if verdict.promotion is None or not verdict.promotion.awaiting_approval:
+            verdict = target.latest_verdict
+            if verdict is None or verdict.promotion is None or not verdict.promotion.awaiting_approval:
                 return target, None
             alias = verdict.promotion.alias
             verdict.promotion = verdict.promotion.answered(answer)
