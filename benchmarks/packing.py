@@ -9,7 +9,7 @@ short and a few are long, as in real chat data. The data stages of the `single` 
 `chat_template: chatml`, assistant-only loss) prepare and tokenise it once, with the core functions;
 each training is then `train_adapter` in a fresh process on the same shards and settings, either
 padded (every batch padded to its longest row) or packed (`packing: true`: rows of up to `max_length`
-tokens, padding-free). Tokens/s counts real tokens, so padding is not counted as work. The loss match
+tokens side by side, each example with its own position ids and no attention across examples). Tokens/s counts real tokens, so padding is not counted as work. The loss match
 is the largest difference between an example's summed loss inside a packed row and alone, on the base
 model, over the first training rows.
 """
@@ -94,33 +94,38 @@ def train(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def loss_match(args: dict[str, Any]) -> dict[str, Any]:
-    """Largest |summed loss of an example inside a packed row - its summed loss alone|, on the base model."""
+    """Largest |summed loss of an example inside a packed row - its summed loss alone|, on the base model,
+    with the packed batch collated as training collates it."""
+    import itertools
+
     import pyarrow.parquet as pq
     import torch
     from transformers import AutoModelForCausalLM
 
     from loraflow.data.tokenize import IGNORE_INDEX, load_tokenizer
-    from loraflow.train.packing import packed_rows, padding_free_collator
+    from loraflow.train.packing import packed_rows, packing_collator
 
     rows = pq.read_table(args["shard"], columns=["input_ids", "labels"]).to_pylist()[: args["examples"]]
     model = AutoModelForCausalLM.from_pretrained(args["model"]).eval()
     packed = packed_rows({name: [row[name] for row in rows] for name in ("input_ids", "labels")}, args["max_length"])
-    batch = padding_free_collator(load_tokenizer(args["model"]))([packed[i] for i in range(len(packed))])
+    examples = [packed[i] for i in range(len(packed))]
+    batch = packing_collator(load_tokenizer(args["model"]), model.config._attn_implementation)(examples)
+    lengths_per_row = [example["seq_lengths"] for example in examples] if batch["input_ids"].shape[0] > 1 else \
+        [[length for example in examples for length in example["seq_lengths"]]]
 
     def summed(logits: torch.Tensor, labels: torch.Tensor) -> float:
         return float(torch.nn.functional.cross_entropy(logits[:-1], labels[1:], ignore_index=IGNORE_INDEX,
                                                        reduction="sum"))
 
     with torch.inference_mode():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
         alone = {tuple(row["input_ids"]): summed(model(input_ids=torch.tensor([row["input_ids"]])).logits[0],
                                                  torch.tensor(row["labels"])) for row in rows}
-        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
         gaps = []
-        for start, stop in zip(starts, starts[1:]):
-            ids = batch["input_ids"][0, start:stop]
-            labels = torch.tensor(next(row["labels"] for row in rows if row["input_ids"] == ids.tolist()))
-            gaps.append(abs(summed(logits[start:stop], labels) - alone[tuple(ids.tolist())]))
+        for row, lengths in enumerate(lengths_per_row):
+            for start, stop in zip(itertools.accumulate(lengths, initial=0), itertools.accumulate(lengths)):
+                ids = tuple(batch["input_ids"][row, start:stop].tolist())
+                gaps.append(abs(summed(logits[row, start:stop], batch["labels"][row, start:stop]) - alone[ids]))
     return {"max_gap": max(gaps), "examples": len(gaps), "packed_rows": len(packed)}
 
 

@@ -42,7 +42,7 @@ from loraflow.train.checkpoints import (  # noqa: F401  (config_fingerprint: par
 )
 from loraflow.train.data import TokenizedDataset, collator_for
 from loraflow.train.device import DeviceChoice, pick_device
-from loraflow.train.packing import packed_rows, padding_free_collator
+from loraflow.train.packing import packed_rows, packing_collator
 from loraflow.train.reporting import guard_trackers, report_to
 from loraflow.train.request import (
     ProgressUpdate,
@@ -162,8 +162,9 @@ def _train_once(
     trainer = Trainer(
         model=model,
         args=_training_arguments(request, plan, with_eval=eval_data is not None),
-        # Padding-free rows: the same collator serves evaluation, each unpacked row its own example.
-        data_collator=padding_free_collator(tokenizer) if request.packing else collator_for(request.task, tokenizer),
+        # Packed rows: the same collator serves evaluation, each unpacked row its own example.
+        data_collator=packing_collator(tokenizer, model.config._attn_implementation) if request.packing
+        else collator_for(request.task, tokenizer),
         train_dataset=train_rows,
         eval_dataset=eval_data,
         processing_class=tokenizer,
