@@ -57,13 +57,13 @@ def single(params: SingleParams) -> State:
                        failed=not result.passed)
 
 
-def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = ()) -> PreparedData:
+def prepare_data(plan: RunPlan, max_lengths: Iterable[int] = (), devices_at_once: int = 1) -> PreparedData:
     """The data stages (`DATA_STAGES`: prepare, tokenise, the bare base model's baseline): the work
     every training run on this data shares. Tokenised at the plan's `max_length` and any others
     given (a grid that varies it). Holds the run folder meanwhile (as does the flow that calls it, for
     its whole run; the lock is re-entrant): a second run of it waits, then finds this one's work in the cache."""
     stages = StageRecorder(result_storage(plan.params))
-    run = PipelineRun(plan, max_lengths=max_lengths)
+    run = PipelineRun(plan, max_lengths=max_lengths, devices_at_once=devices_at_once)
     with hold_run_folder(plan.layout.root, plan.name):
         run_stages(DATA_STAGES, run, stages)
     shared = {"prepared", "shards", "baseline"}

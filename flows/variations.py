@@ -75,16 +75,16 @@ def variations(params: VariationsParams) -> State:
 
 def run_grid(params: VariationsParams, base: RunPlan, variants: list[tuple[Variant, RunPlan]]) -> State:
     """Prepare once, train and evaluate every variant, rank them, register the best, report."""
+    at_once = training_parallelism(params.gpu_concurrency_limit, max(plan.params.devices for _, plan in variants),
+                                   dispatched=should_dispatch(params.training_dispatch))
     with cancelled_when_stopped() as stop:
-        data = prepare_data(base, {plan.settings.max_length for _, plan in variants})
+        data = prepare_data(base, {plan.settings.max_length for _, plan in variants}, devices_at_once=at_once)
     if stop.state:
         return stop.state
     variants = start_grid_tracking(params, variants)  # with MLflow: the grid's parent run
     with grid_ended_if_failed(params, variants):  # the parent run is not left RUNNING if the grid raises
         calls = {variant.name: partial(train_evaluate.with_options(flow_run_name=variant.name), plan, data, None,
                                        return_state=True) for variant, plan in variants}
-        at_once = training_parallelism(params.gpu_concurrency_limit, max(plan.params.devices for _, plan in variants),
-                                       dispatched=should_dispatch(params.training_dispatch))
         states = run_subflows(calls, at_once, stop_on_failure=False)
 
         metric = rank_metric(params)

@@ -27,9 +27,11 @@ import threading
 import time
 from typing import IO, Any
 
-from loraflow.devices import DeviceLease
+from loraflow.devices import DeviceLease, host_devices
 
 NO_DEVICE_ENV = {"CUDA_VISIBLE_DEVICES": "", "LORAFLOW_TORCH_THREADS": "1"}
+# What model work imports (transformers, peft, the Trainer): about 5 s of a cold worker's first job on 2 cores.
+WARM_UP_IMPORTS = ("loraflow.evaluate", "loraflow.samples")
 _HEADER = struct.Struct("!Q")
 
 
@@ -95,10 +97,40 @@ def stop_model_processes() -> None:
 atexit.register(stop_model_processes)  # a worker waits for its next job otherwise, until it sees the exit
 
 
+def _key_and_env(lease: DeviceLease | None) -> tuple[tuple[str, ...], dict[str, str]]:
+    return (tuple(lease.labels), lease.env()) if lease is not None else (("meta",), NO_DEVICE_ENV)
+
+
+def warm_model_processes(count: int) -> list[threading.Thread]:
+    """Start the model processes of this host's first `count` devices (those a lease takes first)
+    in the background, each importing what model work needs, and return at once (with the threads
+    that wait for the imports): a run calls it as its data stages start, so its baseline, and a
+    grid's first evaluation on each device, find a warm process instead of paying the imports.
+    Holds no device: a job for the process waits for its lease, then for the imports to end."""
+    host, threads = host_devices(), []
+    for device in host.ids[:count]:
+        key, env = _key_and_env(DeviceLease(host, (device,)))
+        threads.append(threading.Thread(target=_warm_up, args=(key, env), name=f"warm {key[0]}", daemon=True))
+        threads[-1].start()
+    return threads
+
+
+def _warm_up(key: tuple[str, ...], env: dict[str, str]) -> None:
+    try:
+        _worker(key, env).call("loraflow.model_process:import_modules", (WARM_UP_IMPORTS,), {})
+    except ModelProcessDied:
+        pass  # stopped meanwhile (an interrupted run): the next job starts a new one
+
+
+def import_modules(names: tuple[str, ...]) -> None:
+    for name in names:
+        importlib.import_module(name)
+
+
 def run_model_work(function: str, *args: Any, lease: DeviceLease | None = None, **kwargs: Any) -> Any:
     """`module:function(*args, **kwargs)` in the worker process of the leased device (or the
     device-less one), returning its result or raising its exception."""
-    key, env = (tuple(lease.labels), lease.env()) if lease is not None else (("meta",), NO_DEVICE_ENV)
+    key, env = _key_and_env(lease)
     ok, value = _worker(key, env).call(function, args, kwargs)
     if not ok:
         raise value

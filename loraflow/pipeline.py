@@ -93,13 +93,16 @@ class PipelineRun:
 
     `data_plan` is the plan whose folder holds the shared data (a grid's, for its variants);
     `max_lengths` are extra lengths to tokenise at (a grid that varies it); `registry_alias` is the
-    alias a passing adapter gets (None: not registered here).
+    alias a passing adapter gets (None: not registered here); `devices_at_once` is how many devices
+    its model work may use at once (a grid's parallel variants), whose model processes are warmed
+    while new shards are tokenised.
     """
 
     def __init__(self, plan: RunPlan, data_plan: RunPlan | None = None, max_lengths: Iterable[int] = (),
-                 registry_alias: str | None = None, outputs: dict[str, Any] | None = None):
+                 registry_alias: str | None = None, outputs: dict[str, Any] | None = None, devices_at_once: int = 1):
         self.plan, self.data_plan = plan, data_plan or plan
         self.extra_lengths = tuple(max_lengths)
+        self.devices_at_once = devices_at_once
         self.registry_alias = registry_alias
         self.outputs: dict[str, Any] = dict(outputs or {})
 

@@ -19,6 +19,7 @@ from prefect.results import ResultStore
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from loraflow.dry_run import CACHED, PREPARED_NOW, WILL_RUN
+from loraflow.model_process import warm_model_processes
 from loraflow.pipeline import NotProducedYet, PipelineRun, Stage, expected_shards, tokenize_label
 from orchestration.dispatch import train_stage
 from orchestration.stages import StageRecorder, missing_outputs
@@ -41,11 +42,14 @@ RUN_BY_DRY_RUNS = {"prepare"}
 
 
 def _tokenize(stages: StageRecorder, run: PipelineRun, arguments: dict[str, Any]) -> dict[int, dict[str, list[str]]]:
-    """Every split at every length, shards mapped over Dask (threads when every shard file is there)."""
+    """Every split at every length, shards mapped over Dask (threads when every shard file is there).
+    While Dask tokenises, the model processes start and import transformers for the baseline."""
     shards = {}
     for length in arguments["max_lengths"]:
         with stages.timed(tokenize_label(arguments["max_lengths"], length)) as stage:
             runner = shard_runner(arguments, length, run.params.dask_address)
+            if not isinstance(runner, ThreadPoolTaskRunner):  # new shards: the baseline will run on them
+                warm_model_processes(run.devices_at_once)
             tokenize = tokenize_dataset.with_options(task_runner=runner)
             shards[length], stage.cached = tokenize(
                 arguments["prepared"], arguments["tokenizer_path"], arguments["task"], length,
