@@ -1,5 +1,6 @@
 """Shared test set-up: offline, isolated Prefect home, one Prefect test server per session."""
 
+import json
 import os
 import tempfile
 
@@ -24,6 +25,9 @@ import pytest  # noqa: E402
 # The production-stack load and fault tests take about 20 minutes on 2 cores: more than CI's budget
 # leaves beside the rest of the suite, so they are a job of their own (README, "A production server").
 PRODUCTION_TESTS = os.environ.get("LORAFLOW_PRODUCTION_TESTS") == "1"
+# The suite runs on 2 pytest-xdist workers, a file to a worker (`--dist loadfile`, so a module's
+# expensive fixtures are built once). The longest files start first, so the last to finish is short.
+LONGEST_FIRST = ["test_production.py", "test_benchmarks_smoke.py", "test_interrupts.py", "test_deployments.py"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -32,6 +36,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("production") and not PRODUCTION_TESTS:
             item.add_marker(skip)
+
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each file keeps its own order
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Figures a test measured (`record_property("figures: ...", value)`), printed at the end of
+    the run: under xdist a test's own prints never reach the terminal."""
+    for report in terminalreporter.getreports("passed"):
+        for name, value in report.user_properties:
+            if name.startswith("figures: "):
+                terminalreporter.write_line(f"{name.removeprefix('figures: ')}: {json.dumps(value)}")
 
 
 @pytest.fixture(scope="session")

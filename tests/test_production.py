@@ -116,13 +116,12 @@ def test_every_variant_of_the_grid_trains_once_and_only_the_best_is_registered(l
     assert (summary["best"], summary["registry_version"]) == (top["name"], best.version)
 
 
-def test_load_figures(load, production, capsys):
+def test_load_figures(load, production, record_property):
     """Runs per minute, creation-to-training-start latency and peak memory, printed into the CI log."""
     figures = load_figures(load["api"], [run["id"] for run in load["runs"].values()], load["wall"],
                            production["processes"])
     (load["output"] / "load_figures.json").write_text(json.dumps(figures, indent=2))
-    with capsys.disabled():
-        print(f"\nloraflow on PostgreSQL under load: {json.dumps(figures)}")
+    record_property("figures: loraflow on PostgreSQL under load", figures)
     assert figures["trainings"] == DATASETS - 1 + 6 and figures["peak_rss_mib"]["server"] > 0
 
 
