@@ -72,6 +72,30 @@ def wait_for_checkpoint(process: subprocess.Popen, checkpoint_dir: Path, timeout
     raise AssertionError(f"no complete checkpoint in {checkpoint_dir} after {timeout}s")
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line or environment contains `text`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            seen = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
+            if text.encode() in seen and (proc / "stat").read_text().split()[2] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until_gone(text: str, timeout: float = 90) -> None:
+    """Wait until no live process mentions `text`: a rank whose launcher was killed saves a
+    checkpoint of the step it is on, then exits."""
+    deadline = time.monotonic() + timeout
+    while processes_mentioning(text):
+        assert time.monotonic() < deadline, f"processes mentioning {text} still run after {timeout}s"
+        time.sleep(0.2)
+
+
 def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(prefect_server, tmp_path):
     output_dir = tmp_path / "runs"
     params = params_for(tmp_path, output_dir, limit="gpu-crash-test")
@@ -81,6 +105,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
     wait_for_checkpoint(killed, checkpoints)
     os.kill(killed.pid, signal.SIGKILL)  # no cleanup: not a signal handler, not a finally block
     killed.wait(timeout=30)
+    wait_until_gone(str(output_dir / NAME / ".training"))  # the orphaned rank saves where it stopped, then ends
     survivor = find_resumable_checkpoint(checkpoints, log=lambda message: None)
     step = int(Path(survivor).name.split("-")[1])
     assert not (output_dir / NAME / "model" / "adapter_model.safetensors").exists()

@@ -25,7 +25,7 @@ from loraflow.errors import TrainingStopped
 from loraflow.layout import lock_run_folder
 from loraflow.train.checkpoints import checkpoint_problem, find_resumable_checkpoint
 from tests.test_cancellation import top_level_run
-from tests.test_crash_resume import NAME, REPO, params_for, start_run, wait_for_checkpoint
+from tests.test_crash_resume import NAME, REPO, params_for, processes_mentioning, start_run, wait_for_checkpoint
 
 
 def start_bare_run(params: dict, params_file: Path, prefect_home: Path) -> subprocess.Popen:
@@ -37,21 +37,6 @@ def start_bare_run(params: dict, params_file: Path, prefect_home: Path) -> subpr
     log = open(params_file.with_suffix(".log"), "w")
     return subprocess.Popen([sys.executable, str(REPO / "flows" / "single.py"), str(params_file)], stdout=log,
                             stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line or environment contains `text`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            seen = (proc / "cmdline").read_bytes() + (proc / "environ").read_bytes()
-            if text.encode() in seen and (proc / "stat").read_text().split()[2] != "Z":
-                found.append(int(proc.name))
-        except OSError:
-            continue
-    return found
 
 
 def flow_run_states(prefect_home: Path) -> dict[str, tuple[str, str]]:
