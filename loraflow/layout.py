@@ -36,9 +36,20 @@ _HOLDS: contextvars.ContextVar[tuple[tuple[Path, object], ...]] = contextvars.Co
 
 
 def cache_dir(output_dir: str | Path) -> Path:
-    """`<output_dir>/.loraflow-cache`: Prefect's result storage (the stage cache) and what the
-    core remembers about models, shared by every run under one output root."""
+    """`<output_dir>/.loraflow-cache`: Prefect's result storage (the stage cache), shared by every
+    run under one output root."""
     return Path(output_dir).resolve() / CACHE_DIRNAME
+
+
+def model_memo_dir() -> Path:
+    """What loraflow remembers about base models (their Linear module names), for every run of this
+    user: `LORAFLOW_CACHE_DIR`, else `$XDG_CACHE_HOME/loraflow`, else `~/.cache/loraflow`, beside
+    Hugging Face's own cache. Kept per user, not per output root: the answer depends on the model
+    alone, and finding it imports torch in a process of its own (4 s on 2 cores), which a new
+    output folder would otherwise pay on its first run."""
+    if os.environ.get("LORAFLOW_CACHE_DIR"):
+        return Path(os.environ["LORAFLOW_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "loraflow"
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,7 @@ def model_identity(resolved: str) -> str:
 def linear_module_names(resolved: str, task: str, cache_dir: Path | None = None, remember: bool = True) -> set[str]:
     """Short names of the model's Linear modules, remembered under `cache_dir` by model identity,
     task and transformers version: building even an empty model imports torch and transformers,
-    seconds that a re-run served from the cache should not spend on a check it already passed.
+    seconds each run would otherwise spend on a check that always answers the same for the model.
     `remember=False` reads what is there and writes nothing: a plan leaves no folders behind."""
     key = hash_json({"model": model_identity(resolved), "task": task, "version": _LINEAR_MODULES_MEMO_VERSION,
                      "transformers": metadata.version("transformers")})

@@ -11,6 +11,9 @@ os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"] = os.path.join(_PREFECT_HOME, "
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 # Device leases of the tests' trainings stay apart from any real run's on this host.
 os.environ["LORAFLOW_DEVICE_LOCKS"] = os.path.join(_PREFECT_HOME, "device-locks")
+# What runs remember about base models, shared by the session's xdist workers and its subprocesses,
+# and kept out of the developer's own ~/.cache/loraflow.
+os.environ.setdefault("LORAFLOW_CACHE_DIR", os.path.join(tempfile.gettempdir(), "loraflow-test-model-memos"))
 os.environ.pop("PREFECT_API_URL", None)
 os.environ["LORAFLOW_USE_RUNNING_SERVER"] = "0"  # a bare run in a test never joins a developer's own server
 os.environ["HF_HUB_OFFLINE"] = "1"

@@ -6,7 +6,6 @@ import pytest
 
 from loraflow.config import SingleParams, load_params_file
 from loraflow.errors import ConfigError, LoraflowError
-from loraflow.layout import cache_dir
 from loraflow.models import resolve_model
 from loraflow.plan import plan_run
 from loraflow.settings import (
@@ -109,15 +108,16 @@ def test_plan_checks_model_targets_gates_and_paths(tmp_path):
 
 
 def test_lora_targets_are_checked_from_a_memo_after_the_first_run(tmp_path, monkeypatch):
-    """The target check builds the model (importing torch) once per output root; later runs and
-    plans read the names back, and a wrong target still fails from them."""
+    """The target check builds the model (importing torch) once per user; later runs and plans,
+    in any output folder, read the names back, and a wrong target still fails from them."""
     import loraflow.models as models
 
+    monkeypatch.setenv("LORAFLOW_CACHE_DIR", str(tmp_path / "memo"))
     data = tmp_path / "d.csv"
     data.write_text("text,label\nhello,a\n")
     base = {"dataset": {"path": str(data)}, "output_dir": str(tmp_path / "out")}
     plan_run(SingleParams(**base))
-    (memo,) = cache_dir(tmp_path / "out").glob("linear-modules-*.json")
+    (memo,) = (tmp_path / "memo").glob("linear-modules-*.json")
     assert {"query", "value"} <= set(json.loads(memo.read_text()))
 
     def no_build(*args):
@@ -125,6 +125,6 @@ def test_lora_targets_are_checked_from_a_memo_after_the_first_run(tmp_path, monk
 
     monkeypatch.setattr(models, "run_model_work", no_build)
     plan_run(SingleParams(**base))
-    plan_run(SingleParams(**base, plan_only=True))
+    plan_run(SingleParams(**{**base, "output_dir": str(tmp_path / "elsewhere")}, plan_only=True))
     with pytest.raises(ConfigError, match="not found"):
         plan_run(SingleParams(**{**base, "overrides": {"lora.target_modules": ["q_proj"]}}))
