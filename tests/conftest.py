@@ -25,21 +25,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
-# The production-stack load and fault tests take about 20 minutes on 2 cores: more than CI's budget
-# leaves beside the rest of the suite, so they are a job of their own (README, "A production server").
-PRODUCTION_TESTS = os.environ.get("LORAFLOW_PRODUCTION_TESTS") == "1"
 # The suite runs on 2 pytest-xdist workers, a file to a worker (`--dist loadfile`, so a module's
 # expensive fixtures are built once). The longest files start first, so the last to finish is short.
 LONGEST_FIRST = ["test_production.py", "test_benchmarks_smoke.py", "test_interrupts.py", "test_deployments.py"]
 
 
 def pytest_collection_modifyitems(config, items):
-    skip = pytest.mark.skip(reason="production-stack test: run with LORAFLOW_PRODUCTION_TESTS=1 "
-                                   "(about 20 minutes; see the README's production server section)")
-    for item in items:
-        if item.get_closest_marker("production") and not PRODUCTION_TESTS:
-            item.add_marker(skip)
-
     def rank(item) -> int:
         name = item.path.name
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
