@@ -11,7 +11,7 @@ from pathlib import Path
 
 from loraflow.errors import ConfigError, ModelError
 from loraflow.fingerprint import hash_json
-from loraflow.layout import atomic_write_json
+from loraflow.layout import atomic_write_json, model_memo_dir
 from loraflow.model_process import run_model_work
 from loraflow.task_table import classifier
 
@@ -83,20 +83,20 @@ def model_identity(resolved: str) -> str:
     return hash_json({"config": (path / "config.json").read_text(encoding="utf-8"), "weights": weights})
 
 
-def linear_module_names(resolved: str, task: str, cache_dir: Path | None = None, remember: bool = True) -> set[str]:
-    """Short names of the model's Linear modules, remembered under `cache_dir` by model identity,
+def linear_module_names(resolved: str, task: str, remember: bool = True) -> set[str]:
+    """Short names of the model's Linear modules, remembered in `model_memo_dir()` by model identity,
     task and transformers version: building even an empty model imports torch and transformers,
     seconds each run would otherwise spend on a check that always answers the same for the model.
     `remember=False` reads what is there and writes nothing: a plan leaves no folders behind."""
     key = hash_json({"model": model_identity(resolved), "task": task, "version": _LINEAR_MODULES_MEMO_VERSION,
                      "transformers": metadata.version("transformers")})
-    memo = Path(cache_dir) / f"linear-modules-{key[:16]}.json" if cache_dir is not None else None
-    remembered = _read_names(memo) if memo is not None else None
+    memo = model_memo_dir() / f"linear-modules-{key[:16]}.json"
+    remembered = _read_names(memo)
     if remembered is not None:
         return remembered
     # Building even an empty model changes process-global torch state: it is done in a model process.
     names = run_model_work("loraflow.models:built_linear_module_names", resolved, task)
-    if memo is not None and remember:
+    if remember:
         try:
             atomic_write_json(memo, sorted(names))
         except OSError:  # a read-only or full cache only costs the next run this check again
@@ -131,13 +131,11 @@ def built_linear_module_names(resolved: str, task: str) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
-def check_target_modules(
-    target_modules: list[str] | str, resolved: str, task: str, cache_dir: Path | None = None, remember: bool = True
-) -> None:
+def check_target_modules(target_modules: list[str] | str, resolved: str, task: str, remember: bool = True) -> None:
     """Fail before training when the LoRA targets name modules the model does not have."""
     if isinstance(target_modules, str):  # "all-linear" / "auto" are peft's to resolve
         return
-    available = linear_module_names(resolved, task, cache_dir, remember)
+    available = linear_module_names(resolved, task, remember)
     missing = [name for name in target_modules if not any(fnmatch.fnmatch(m, name) for m in available)]
     if missing:
         raise ConfigError(

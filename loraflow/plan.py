@@ -22,7 +22,7 @@ from loraflow.data.prepare import PreparedDataset
 from loraflow.data.readers import source_files
 from loraflow.errors import ConfigError
 from loraflow.fingerprint import code_version, hash_json
-from loraflow.layout import RunLayout, atomic_write_text, model_memo_dir
+from loraflow.layout import RunLayout, atomic_write_text
 from loraflow.metrics import metrics_for_task
 from loraflow.models import check_target_modules, model_identity, resolve_model
 from loraflow.quantization import check_quantization
@@ -103,9 +103,7 @@ def plan_run(params: SingleParams, root: str | Path | None = None) -> RunPlan:
         )
     source_files(params.dataset.path, params.dataset.format)  # exists, and holds files of a known format
     model_path = resolve_model(params.model)
-    check_target_modules(
-        settings.lora.target_modules, model_path, params.task, model_memo_dir(), remember=not params.plan_only
-    )
+    check_target_modules(settings.lora.target_modules, model_path, params.task, remember=not params.plan_only)
     chat = None
     if TASK_TABLE[params.task].rows == "conversation":
         chat = ChatEncoding(template=resolve_chat_template(model_path, params.chat_template), train_on=params.train_on)

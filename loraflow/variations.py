@@ -15,7 +15,6 @@ from pydantic import BaseModel
 from loraflow.config import SingleParams, VariationsParams
 from loraflow.errors import ConfigError
 from loraflow.grid import Variant, expand_variations
-from loraflow.layout import model_memo_dir
 from loraflow.metrics import HIGHER_IS_BETTER
 from loraflow.models import check_target_modules
 from loraflow.plan import RunPlan, plan_run
@@ -46,7 +45,7 @@ def variant_plans(params: VariationsParams) -> tuple[RunPlan, list[tuple[Variant
                                        "root": str(variant_root(root, variant.name))})
         if plan.settings.lora.target_modules != base.settings.lora.target_modules:
             check_target_modules(plan.settings.lora.target_modules, base.model_path, params.task,
-                                 model_memo_dir(), remember=not params.plan_only)
+                                 remember=not params.plan_only)
         plans.append((variant, plan))
     return base.model_copy(update={"params": plans[0][1].params}), plans
 

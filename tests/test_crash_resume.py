@@ -24,6 +24,7 @@ from flows.single import single
 from loraflow.config import SingleParams
 from loraflow.registry import Registry
 from loraflow.train.checkpoints import find_resumable_checkpoint
+from tests.production_stack import wait_for
 from tests.test_flow_single import write_messy_csv
 from tests.tiny_models import easy_classification_examples
 
@@ -87,15 +88,6 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def wait_until_gone(text: str, timeout: float = 90) -> None:
-    """Wait until no live process mentions `text`: a rank whose launcher was killed saves a
-    checkpoint of the step it is on, then exits."""
-    deadline = time.monotonic() + timeout
-    while processes_mentioning(text):
-        assert time.monotonic() < deadline, f"processes mentioning {text} still run after {timeout}s"
-        time.sleep(0.2)
-
-
 def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupted_run(prefect_server, tmp_path):
     output_dir = tmp_path / "runs"
     params = params_for(tmp_path, output_dir, limit="gpu-crash-test")
@@ -105,7 +97,9 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_matches_an_uninterrupte
     wait_for_checkpoint(killed, checkpoints)
     os.kill(killed.pid, signal.SIGKILL)  # no cleanup: not a signal handler, not a finally block
     killed.wait(timeout=30)
-    wait_until_gone(str(output_dir / NAME / ".training"))  # the orphaned rank saves where it stopped, then ends
+    # A rank whose launcher was killed saves a checkpoint of the step it is on, then exits.
+    training = str(output_dir / NAME / ".training")
+    wait_for("the orphaned training rank to exit", lambda: not processes_mentioning(training), timeout=90, interval=0.2)
     survivor = find_resumable_checkpoint(checkpoints, log=lambda message: None)
     step = int(Path(survivor).name.split("-")[1])
     assert not (output_dir / NAME / "model" / "adapter_model.safetensors").exists()

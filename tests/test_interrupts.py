@@ -24,6 +24,7 @@ from prefect.states import Cancelling
 from loraflow.errors import TrainingStopped
 from loraflow.layout import LOCK_FILENAME, lock_run_folder
 from loraflow.train.checkpoints import checkpoint_problem, find_resumable_checkpoint
+from tests.production_stack import wait_for
 from tests.test_cancellation import top_level_run
 from tests.test_crash_resume import NAME, REPO, params_for, processes_mentioning, start_run, wait_for_checkpoint
 
@@ -224,14 +225,11 @@ def clock_seconds(log_line: str) -> float:
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-def wait_until_holding(run: subprocess.Popen, folder: Path, timeout: float = 240) -> None:
-    """Until `run` holds the run folder's lock (the note in the lock file names its pid)."""
-    deadline = time.monotonic() + timeout
+def holds_folder(run: subprocess.Popen, folder: Path) -> bool:
+    """Whether `run` holds the run folder's lock (the note in the lock file names its pid)."""
+    assert run.poll() is None, f"the run ended before it held {folder} (exit {run.returncode})"
     lock = folder / LOCK_FILENAME
-    while not (lock.exists() and f'"pid": {run.pid},' in lock.read_text()):
-        assert run.poll() is None, f"the run ended before it held {folder} (exit {run.returncode})"
-        assert time.monotonic() < deadline, f"the run did not hold {folder} within {timeout}s"
-        time.sleep(0.05)
+    return lock.exists() and f'"pid": {run.pid},' in lock.read_text()
 
 
 @pytest.mark.slow
@@ -239,7 +237,9 @@ def test_a_second_run_of_the_same_parameters_waits_for_the_first_and_finds_its_w
     output_dir = tmp_path / "runs"
     params = params_for(tmp_path, output_dir, limit="gpu-two-runs", num_epochs=2)
     first = start_run(params, tmp_path / "first.yaml")
-    wait_until_holding(first, output_dir / NAME)  # from its first stage on: the second run's start-up is shorter
+    # From its first stage on: the second run's start-up is shorter than what is left of the first.
+    wait_for("the first run to hold its folder", lambda: holds_folder(first, output_dir / NAME), timeout=240,
+             interval=0.05)
     second = start_run(params, tmp_path / "second.yaml")
     assert first.wait(timeout=300) == 0, (tmp_path / "first.log").read_text()[-4000:]
     assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-4000:]
