@@ -44,7 +44,11 @@ DEMO_DATA = REPO / "loraflow" / "sample_data" / "topics.csv"
 SINGLE_FLOW = REPO / "flows" / "single.py"
 VARIATIONS_FLOW = REPO / "flows" / "variations.py"
 RESULT_MARKER = "BENCH-RESULT "
+# Peak memory is sampled every 0.2 s at most, and never for more than 2% of a core: reading the
+# proportional set size of a torch process costs ~7 ms, and a tree of eight of them sampled every
+# 0.2 s took a fifth of a core away from a run that kept both cores busy (a 2-slot grid).
 MEMORY_SAMPLE_SECONDS = 0.2
+MEMORY_SAMPLER_SHARE = 0.02
 # Smoke runs train a few steps on a few rows: the paths run, the figures mean nothing.
 SMOKE_OVERRIDES = {"num_epochs": 1, "batch_size": 8, "max_length": 32, "save_steps": 4, "logging_steps": 2}
 SMOKE_ROWS = 60
@@ -102,12 +106,14 @@ def run_measured(command: Sequence[str], env: dict[str, str] | None = None, time
     peak, done = [0], threading.Event()
 
     def sample() -> None:
-        root = psutil.Process(child.pid)
-        while not done.wait(MEMORY_SAMPLE_SECONDS):
+        root, pause = psutil.Process(child.pid), MEMORY_SAMPLE_SECONDS
+        while not done.wait(pause):
+            sampling = time.perf_counter()
             try:
                 peak[0] = max(peak[0], _tree_memory(root))
             except psutil.NoSuchProcess:
                 return
+            pause = max(MEMORY_SAMPLE_SECONDS, (time.perf_counter() - sampling) / MEMORY_SAMPLER_SHARE)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
