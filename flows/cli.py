@@ -22,6 +22,7 @@ from loraflow.config import load_params_file
 from loraflow.devices import check_devices
 from loraflow.errors import LoraflowError
 from loraflow.report import RunResult, summary_text
+from loraflow.train.launch import LaunchOptions
 from orchestration.prefect_workarounds import TerminalSession, finish_cancellation, interrupted, what_was_saved
 
 USAGE = (
@@ -57,8 +58,9 @@ def run_from_command_line(
             params = params.model_copy(update={"plan_only": True})
         if preflight is not None:
             preflight(params)
-        if params.training_dispatch != "deployment":  # training runs on this host: it must have the devices
+        if params.training_dispatch != "deployment":  # training runs on this host: its devices and rendezvous
             check_devices(most_devices(params))
+            LaunchOptions(nnodes=params.nnodes).with_rendezvous()
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = parse_args(args)
     except ValidationError as error:
-        print(f"error: {format_validation_error(error, 'registry')}\n{USAGE}", file=sys.stderr)
+        print(f"error: {format_validation_error(error, 'registry', RegistryParams)}\n{USAGE}", file=sys.stderr)
         return 2
     except ValueError as error:
         print(f"error: registry: {error}\n{USAGE}", file=sys.stderr)

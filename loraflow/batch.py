@@ -44,7 +44,7 @@ def dataset_runs(params: BatchParams) -> list[SingleParams]:
         check_dataset_names([(f"datasets_dir: {p.name}", r.dataset.resolved_name) for p, r in zip(paths, runs)],
                             params.name)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, "dataset_options")) from None
+        raise ConfigError(format_validation_error(error, "dataset_options", SingleParams)) from None
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return runs

@@ -8,9 +8,10 @@ folder-safe names live in `loraflow.settings`; the grid of a variations run in `
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -370,7 +371,7 @@ class BatchParams(RunSettings):
             try:
                 names.append((f"datasets.{index}", self.single_params(entry).dataset.resolved_name))
             except ValidationError as error:
-                raise ValueError(format_validation_error(error, f"datasets.{index}")) from None
+                raise ValueError(format_validation_error(error, f"datasets.{index}", SingleParams)) from None
         check_dataset_names(names, self.name)
         return self
 
@@ -480,16 +481,38 @@ class RegistryParams(StrictModel):
         return self
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """One line per problem: `source: field.path: message`."""
+def format_validation_error(error: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
+    """One line per problem: `source: field.path: message`; an unknown key of `model` (or of a
+    model inside it) names the closest valid key."""
     lines = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            message = "unknown key"
+            fields = _model_at(model, item["loc"][:-1])
+            close = difflib.get_close_matches(str(item["loc"][-1]), list(fields.model_fields), n=1) if fields else []
+            message = f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
         lines.append(f"{source}: {location}: {message}" if location else f"{source}: {message}")
     return "; ".join(lines)
+
+
+def _model_at(model: type[BaseModel] | None, path: Iterable[str | int]) -> type[BaseModel] | None:
+    """The model that a validation error's location inside `model` points into (None inside a dict)."""
+    for part in path:
+        if model is None:
+            return None
+        if isinstance(part, int):  # an item of a list: the list's model was taken already
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field else None
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model in a field's type: itself, or inside `X | None`, `list[X]`."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, get_args(annotation))), None)
 
 
 def load_params_file(path: str | Path, model: type[BaseModel] = SingleParams) -> BaseModel:
@@ -510,4 +533,4 @@ def load_params_file(path: str | Path, model: type[BaseModel] = SingleParams) ->
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(format_validation_error(error, str(path))) from None
+        raise ConfigError(format_validation_error(error, str(path), model)) from None

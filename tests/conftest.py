@@ -15,6 +15,7 @@ os.environ["LORAFLOW_DEVICE_LOCKS"] = os.path.join(_PREFECT_HOME, "device-locks"
 # and kept out of the developer's own ~/.cache/loraflow.
 os.environ.setdefault("LORAFLOW_CACHE_DIR", os.path.join(tempfile.gettempdir(), "loraflow-test-model-memos"))
 os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("LORAFLOW_RDZV_ENDPOINT", None)  # a multi-node rendezvous of the shell is not the tests'
 os.environ["LORAFLOW_USE_RUNNING_SERVER"] = "0"  # a bare run in a test never joins a developer's own server
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -93,8 +93,8 @@ class LaunchOptions(BaseModel):
         if not endpoint:
             raise ConfigError(
                 f"nnodes: {self.nnodes} nodes need LORAFLOW_RDZV_ENDPOINT (host:port of the first node) in the "
-                "training job's environment, e.g. training_job_variables: "
-                "{env: {LORAFLOW_RDZV_ENDPOINT: 'train-0.train:29400'}}"
+                "environment that launches the training: this shell's for a run on this host, or a deployment's "
+                "training_job_variables: {env: {LORAFLOW_RDZV_ENDPOINT: 'train-0.train:29400'}}"
             )
         rdzv_id = self.rdzv_id or os.environ.get("LORAFLOW_RDZV_ID") or run_id or "loraflow"
         return self.model_copy(update={"rdzv_endpoint": endpoint, "rdzv_id": rdzv_id})
