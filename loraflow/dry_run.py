@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from loraflow.settings import TrainingSettings
 
-CACHED, WILL_RUN, PREPARED_NOW = "cached", "will run", "prepared for this plan"
+CACHED, WILL_RUN, PREPARED_NOW = "cached", "will run", "done now, to count rows"
 
 
 class DryRunDataset(BaseModel):

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from typing import IO, Any
 
 from loraflow.devices import DeviceLease, host_devices
@@ -154,6 +155,9 @@ def _serve() -> None:
 
     if threads := os.environ.get("LORAFLOW_TORCH_THREADS"):
         torch.set_num_threads(int(threads))
+    # peft 0.21 reads transformers 5's deprecated `is_gradient_checkpointing` whenever it wraps a model:
+    # a FutureWarning on the terminal at every evaluation, about nothing the user did.
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     while True:
         try:
             function, args, kwargs = _receive(requests)

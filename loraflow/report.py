@@ -100,6 +100,8 @@ def summary_text(result: RunResult) -> str:
         lines.append(f"  {metric:<12} {_fmt(value):>10}   baseline {_fmt(result.baseline.get(metric))}")
     lines += [f"  gate: {gate_line(g)}" for g in result.gates.values()] or ["  gates: none set"]
     lines += [f"  warning: {warning}" for warning in result.data_warnings]
+    if result.counts.get("rejected"):  # dropped rows are easy to miss in a run that passed
+        lines.append(f"  rejected: {result.counts['rejected']} row(s) left out, reasons in {result.paths.get('rejects')}")
     cached = f" (cached: {', '.join(result.cached_stages)})" if result.cached_stages else ""
     lines.append(f"  time: {sum(result.timings.values()):.1f}s{cached}")
     lines.append(f"  adapter:  {result.adapter_path}")

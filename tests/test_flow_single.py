@@ -125,7 +125,8 @@ def test_failing_gates_fail_the_run_after_writing_everything(prefect_server, tmp
 
 
 def test_the_result_and_the_summary_say_which_classes_the_test_split_lacks(prefect_server, tmp_path):
-    """A class whose few rows all land in train is not scored: result.json, the summary and the report say so."""
+    """A class whose few rows all land in train is not scored: result.json, the summary and the report say so;
+    the summary also counts the rows left out (an empty label)."""
     import hashlib
 
     from loraflow.report import summary_text
@@ -135,6 +136,7 @@ def test_the_result_and_the_summary_say_which_classes_the_test_split_lacks(prefe
 
     train_only = [t for t in (f"a rare complaint number {i}" for i in range(100)) if position(t) >= 0.5][:3]
     rows = easy_classification_examples(90, seed=1) + [{"text": t, "label": "scarce"} for t in train_only]
+    rows.append({"text": "a row whose label was left empty", "label": ""})
     data = write_messy_csv(tmp_path / "reviews.csv", rows)
     params = SingleParams(dataset={"path": str(data)}, overrides={**FAST_CLASSIFICATION, "num_epochs": 1},
                           output_dir=str(tmp_path / "runs"), shard_size=200)
@@ -146,7 +148,11 @@ def test_the_result_and_the_summary_say_which_classes_the_test_split_lacks(prefe
     lacks = (f"{data}: the test split has no rows of class(es) 'scarce' (3 in all): test metrics cannot score them; "
              "add examples of them or raise dataset.test_fraction")
     assert lacks in on_disk["data_warnings"]
-    assert f"  warning: {lacks}" in summary_text(state.result()).splitlines()
+    summary = summary_text(state.result()).splitlines()
+    assert f"  warning: {lacks}" in summary
+    rejects = [json.loads(line) for line in (root / "data" / "rejects.jsonl").read_text().splitlines()]
+    assert any("empty or missing 'label'" in reject["reason"] for reject in rejects)  # besides the duplicates
+    assert f"  rejected: {len(rejects)} row(s) left out, reasons in {root / 'data' / 'rejects.jsonl'}" in summary
     assert "<h2>Data warnings</h2>" in (root / "report.html").read_text() and "&#x27;scarce&#x27;" in (
         root / "report.html").read_text()
 
