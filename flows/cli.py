@@ -22,7 +22,7 @@ from loraflow.config import load_params_file
 from loraflow.devices import check_devices
 from loraflow.errors import LoraflowError
 from loraflow.report import RunResult, summary_text
-from loraflow.train.launch import LaunchOptions
+from orchestration.dispatch import launch_options
 from orchestration.prefect_workarounds import TerminalSession, finish_cancellation, interrupted, what_was_saved
 
 USAGE = (
@@ -60,7 +60,7 @@ def run_from_command_line(
             preflight(params)
         if params.training_dispatch != "deployment":  # training runs on this host: its devices and rendezvous
             check_devices(most_devices(params))
-            LaunchOptions(nnodes=params.nnodes).with_rendezvous()
+            launch_options(params).with_rendezvous()
     except LoraflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -8,7 +8,6 @@ folder-safe names live in `loraflow.settings`; the grid of a variations run in `
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -483,15 +482,14 @@ class RegistryParams(StrictModel):
 
 def format_validation_error(error: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     """One line per problem: `source: field.path: message`; an unknown key of `model` (or of a
-    model inside it) names the closest valid key."""
+    model inside it) names the closest valid key, or the valid ones, as unknown overrides do."""
     lines = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             fields = _model_at(model, item["loc"][:-1])
-            close = difflib.get_close_matches(str(item["loc"][-1]), list(fields.model_fields), n=1) if fields else []
-            message = f"unknown key (did you mean {close[0]!r}?)" if close else "unknown key"
+            message = f"unknown key{suggest(str(item['loc'][-1]), fields.model_fields)}" if fields else "unknown key"
         lines.append(f"{source}: {location}: {message}" if location else f"{source}: {message}")
     return "; ".join(lines)
 
