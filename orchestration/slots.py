@@ -18,8 +18,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 
+import httpx
 from prefect import get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.context import ConcurrencyContext
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
@@ -30,7 +32,7 @@ from loraflow.layout import atomic_write_json
 from orchestration.prefect_workarounds import reclaim_dead_holders, slot_holders_dir
 
 SLOT_LEASE_SECONDS = 60  # the shortest lease a server accepts: a dead holder's slot is repossessed soonest
-SLOT_POLL_SECONDS = 2  # how long one attempt at the slots waits before the run checks for a cancel
+SLOT_POLL_SECONDS = 2  # the pause between attempts at the slots, after which the run checks for a cancel
 
 
 def ensure_concurrency_limit(name: str) -> int:
@@ -65,19 +67,25 @@ def slot_holders(limit: str) -> list[str]:
 @contextmanager
 def _acquire_slots(limit: str, devices: int, run: str, log: Callable[[str], None],
                    should_stop: Callable[[], bool] | None) -> Iterator[None]:
-    """Prefect's `concurrency`, asked for a few seconds at a time so that a cancel (or Ctrl-C) ends
-    the wait at once; the first failed attempt says who holds the slots, once."""
+    """Prefect's `concurrency`, asked once per attempt (`max_retries=0`), so that a cancel (or
+    Ctrl-C) between attempts ends the wait at once; the first refused attempt says who holds the
+    slots, once. Not `timeout_seconds`: it abandons a request in flight, and a loaded server that
+    grants the slots after the client gave up leaves them held by nobody until the lease ends."""
     told = False
     while True:
         slots = ExitStack()
         try:
             slots.enter_context(concurrency(limit, occupy=devices, strict=True, lease_duration=SLOT_LEASE_SECONDS,
-                                            timeout_seconds=SLOT_POLL_SECONDS))
-        except TimeoutError:
+                                            max_retries=0))
+        except ConcurrencySlotAcquisitionError as refused:
+            cause = refused.__cause__
+            if not (isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 423):
+                raise  # not "the slots are taken": a missing limit, an unreachable server
             if not told:
                 held = "; ".join(slot_holders(limit)) or "holders unknown (another host, or a run without notes)"
                 log(f"waiting for {devices} slot(s) of the global concurrency limit {limit!r}, held by: {held}")
                 told = True
+            time.sleep(SLOT_POLL_SECONDS)
             if should_stop is not None and should_stop():
                 raise TrainingStopped(f"{run}: cancelled while waiting for a {limit!r} slot; nothing was trained")
             reclaim_dead_holders(limit)  # a holder that died while we waited
